@@ -1,0 +1,139 @@
+"""Checkpoints: DeepSpeed's sharded state + the exact data state + metadata, as one Ray Train
+checkpoint.
+
+Every worker writes its own part into a local folder and reports it; Ray Train uploads each part
+to ``<storage_path>/<name>/checkpoint_<step>/`` and registers the checkpoint only when every worker
+has reported, so an interrupted save is never what a resume picks up. Layout::
+
+    ds/...                 DeepSpeed (model states, one optimizer shard per worker), tag "ds"
+    data/rank-00000.json   the data loader state of each worker after this step
+    raycpt.json            metadata (step, config and hash, manifests, tokens per source), rank 0
+    hf/                    model config + tokenizer, so export needs nothing else (rank 0)
+    probe.pt               the engine's logits on a fixed probe batch (final checkpoint only)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from raycpt import __version__, storage
+
+DS_TAG = "ds"
+META = "raycpt.json"
+PROBE = "probe.pt"
+_STEP_DIR = re.compile(r"checkpoint_(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint where one was asked for; the message says where it looked."""
+
+
+def code_version() -> str:
+    """The package version plus the git commit when running from a checkout."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{__version__}+{sha}" if sha else __version__
+
+
+def dir_name(step: int) -> str:
+    return f"checkpoint_{step:08d}"
+
+
+def write_local(
+    engine,
+    step: int,
+    rank: int,
+    data_state: dict,
+    meta: dict | None,
+    hf_objects: tuple | None = None,
+) -> str:
+    """Write this worker's part of a checkpoint into a new local folder and return its path.
+
+    DeepSpeed's save is collective: every worker must call this at the same step.
+    """
+    folder = tempfile.mkdtemp(prefix=f"raycpt-{dir_name(step)}-")
+    engine.save_checkpoint(folder, tag=DS_TAG, client_state={"step": step})
+    os.makedirs(os.path.join(folder, "data"), exist_ok=True)
+    with open(os.path.join(folder, "data", f"rank-{rank:05d}.json"), "w") as f:
+        json.dump(data_state, f)
+    if rank == 0:
+        if hf_objects is not None:
+            for obj in hf_objects:
+                obj.save_pretrained(os.path.join(folder, "hf"))
+        with open(os.path.join(folder, META), "w") as f:
+            json.dump({**(meta or {}), "step": step, "saved_at": time.time()}, f, indent=2)
+    return folder
+
+
+def read_data_states(folder: str) -> list[dict]:
+    data = os.path.join(folder, "data")
+    return [json.load(open(os.path.join(data, n))) for n in sorted(os.listdir(data))]
+
+
+def is_complete(folder: str) -> bool:
+    """True when a local checkpoint folder has metadata, DeepSpeed's files and every data state."""
+    meta_path = os.path.join(folder, META)
+    if not (os.path.exists(meta_path) and os.path.exists(os.path.join(folder, "latest"))):
+        return False
+    world = json.load(open(meta_path)).get("world_size", 1)
+    data = os.path.join(folder, "data")
+    return os.path.isdir(data) and len(os.listdir(data)) == world
+
+
+def list_checkpoints(run: str) -> list[tuple[int, str]]:
+    """(step, location) of every checkpoint folder of a run, oldest first."""
+    fs, path = storage.filesystem(run)
+    import pyarrow.fs as pafs
+
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except OSError as err:
+        raise CheckpointError(f"cannot list {run}: {err}") from None
+    found = []
+    for info in infos:
+        m = _STEP_DIR.search(info.path)
+        if m and info.type == pafs.FileType.Directory:
+            found.append((int(m.group(1)), storage.join(run, os.path.basename(info.path))))
+    return sorted(found)
+
+
+def fetch(checkpoint: str, cache_root: str | None = None) -> str:
+    """A local folder with the checkpoint's files (downloaded if it is on S3)."""
+    if not storage.is_remote(checkpoint):
+        return storage.filesystem(checkpoint)[1]
+    dest = tempfile.mkdtemp(prefix="raycpt-fetch-", dir=cache_root)
+    return storage.download_dir(checkpoint, dest)
+
+
+def resolve(run_or_checkpoint: str) -> str:
+    """A complete checkpoint location from a run folder (its latest) or a checkpoint folder."""
+    if _STEP_DIR.search(run_or_checkpoint.rstrip("/")):
+        candidates = [run_or_checkpoint]
+    else:
+        candidates = [loc for _, loc in reversed(list_checkpoints(run_or_checkpoint))]
+    for loc in candidates:
+        if storage.exists(storage.join(loc, META)) and storage.exists(storage.join(loc, "latest")):
+            return loc
+    raise CheckpointError(
+        f"no complete checkpoint under {run_or_checkpoint}: pass a run folder "
+        "(<storage_path>/<name>) or one of its checkpoint_<step> folders"
+    )
+
+
+def remove_local(folder: str) -> None:
+    shutil.rmtree(folder, ignore_errors=True)

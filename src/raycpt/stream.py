@@ -1,0 +1,244 @@
+"""Streaming a prepared dataset's shards to one training worker, in a fixed global order.
+
+Three concerns, kept apart (as mosaicml/streaming does):
+
+* **Order** (:class:`UnitOrder`, pure): a source is an endless sequence of *units*, unit ``j`` being
+  one shard in one epoch. Each epoch visits every shard once, in a seeded permutation, and the rows
+  of a unit in another seeded permutation. The order depends on the manifest and the seed only.
+* **Partition** (:func:`repartition`, pure): worker ``r`` of ``W`` owns units ``r, r+W, r+2W, ...``
+  plus any explicitly queued units. Because the order is global, a different worker count can take
+  over exactly the units (and the half-read unit) that the old workers had not consumed.
+* **Reading** (:class:`UnitReader`): fetches a unit's shard (local or S3), checks its sha256 against
+  the manifest, applies the transform (augmentation) and tokenizes, in background threads, with at
+  most ``read_ahead`` units in memory. Training starts as soon as the first unit is ready.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raycpt import storage
+
+log = logging.getLogger(__name__)
+
+
+class ShardError(RuntimeError):
+    """A shard is missing, unreadable or does not match its manifest entry."""
+
+
+class SourceExhausted(Exception):
+    """A source configured to stop after one epoch has no more units for this worker."""
+
+    def __init__(self, source: str):
+        super().__init__(f"source {source!r} is exhausted")
+        self.source = source
+
+
+def _seeded_rng(*key: object) -> np.random.Generator:
+    digest = hashlib.sha256(":".join(map(str, key)).encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+@dataclass(frozen=True)
+class UnitOrder:
+    """The global order of one source: unit ``j`` -> (epoch, shard) and its row permutation.
+
+    ``num_epochs`` is None for an endless source (repeat) or 1 for a source that stops.
+    """
+
+    name: str
+    shard_rows: tuple[int, ...]
+    seed: int
+    shuffle: bool = True
+    num_epochs: int | None = None
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.shard_rows)
+
+    def exists(self, j: int) -> bool:
+        return self.num_epochs is None or j < self.num_epochs * self.num_shards
+
+    def unit(self, j: int) -> tuple[int, int]:
+        """Return (epoch, shard index) of unit ``j``."""
+        epoch, k = divmod(j, self.num_shards)
+        if not self.shuffle:
+            return epoch, k
+        perm = _seeded_rng(self.seed, self.name, "shards", epoch).permutation(self.num_shards)
+        return epoch, int(perm[k])
+
+    def rows(self, j: int) -> np.ndarray:
+        """Row indices of unit ``j``'s shard in the order they are trained on."""
+        epoch, shard = self.unit(j)
+        n = self.shard_rows[shard]
+        if not self.shuffle:
+            return np.arange(n)
+        return _seeded_rng(self.seed, self.name, "rows", epoch, shard).permutation(n)
+
+
+@dataclass
+class Cursor:
+    """Where one worker stands in one source.
+
+    ``units`` holds the unit being read first (``[j, row]``, row = position in the unit's row
+    order of the current document) then units queued by a re-partition; after them the worker
+    continues with ``next_j, next_j + stride, ...``. ``tok_off`` counts the tokens of the current
+    document already emitted.
+    """
+
+    units: list[list[int]]
+    next_j: int
+    stride: int
+    tok_off: int = 0
+
+    @classmethod
+    def fresh(cls, rank: int, world: int) -> Cursor:
+        return cls(units=[], next_j=rank, stride=world)
+
+    def to_dict(self) -> dict:
+        return {
+            "units": [list(u) for u in self.units],
+            "next_j": self.next_j,
+            "stride": self.stride,
+            "tok_off": self.tok_off,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Cursor:
+        return cls([list(u) for u in d["units"]], d["next_j"], d["stride"], d.get("tok_off", 0))
+
+    def upcoming(self, order: UnitOrder, count: int) -> list[int]:
+        """The next ``count`` unit ids this worker will read (fewer if the source ends)."""
+        out = [u[0] for u in self.units[:count]]
+        j = self.next_j
+        while len(out) < count and order.exists(j):
+            out.append(j)
+            j += self.stride
+        return out
+
+
+def repartition(cursors: Sequence[Cursor], new_world: int) -> list[Cursor]:
+    """Hand the units that ``cursors`` (one per old worker) had not finished to ``new_world`` workers.
+
+    Returns one cursor per new worker. Every unit is owned by exactly one new worker: half-read
+    units keep their row and token position; untouched units below the old workers' furthest
+    point are queued; everything beyond continues strided by the new world size. Pure function.
+    """
+    if len(cursors) == new_world and all(c.stride == new_world for c in cursors):
+        return [Cursor.from_dict(c.to_dict()) for c in cursors]
+    frontier = max(c.next_j for c in cursors)
+    leftovers: list[tuple[list[int], int]] = []  # ([j, row], tok_off)
+    for c in cursors:
+        for i, u in enumerate(c.units):
+            leftovers.append((list(u), c.tok_off if i == 0 else 0))
+        leftovers.extend(([j, 0], 0) for j in range(c.next_j, frontier, c.stride))
+    # Half-read documents first, so each lands at the head of a new worker's queue.
+    leftovers.sort(key=lambda x: (x[1] == 0, x[0][0]))
+    new = [Cursor([], frontier + r, new_world) for r in range(new_world)]
+    # A worker can only resume one half-read document (its tok_off), so partially read
+    # documents go first, one per worker, round-robin; more than new_world of them can only
+    # happen when shrinking, and then the extra ones restart at their document boundary.
+    for i, (u, tok_off) in enumerate(leftovers):
+        cursor = new[i % new_world]
+        if not cursor.units:
+            cursor.tok_off = tok_off
+        elif tok_off:
+            log.warning("unit %d: re-reading a partly consumed document after re-partition", u[0])
+        cursor.units.append(u)
+    return new
+
+
+@dataclass
+class Unit:
+    """One shard in one epoch, ready to train on: token arrays in training order."""
+
+    j: int
+    epoch: int
+    shard: int
+    ids: list[str]
+    tokens: list[np.ndarray]
+
+
+Transform = Callable[[list[str], list[str], int, int], list[str]]
+"""(texts, doc ids, epoch, unit id) -> transformed texts; must be deterministic."""
+
+
+class UnitReader:
+    """Reads, verifies, transforms and tokenizes units ahead of use, ``read_ahead`` at most."""
+
+    def __init__(
+        self,
+        dataset: str,
+        split_manifest: dict,
+        order: UnitOrder,
+        encode: Callable[[list[str]], list[np.ndarray]],
+        read_ahead: int = 2,
+        transform: Transform | None = None,
+    ):
+        self.dataset = dataset
+        self.shards = split_manifest["shards"]
+        self.order = order
+        self.encode = encode
+        self.read_ahead = read_ahead
+        self.transform = transform
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"read-{order.name}")
+        self._futures: OrderedDict[int, Future] = OrderedDict()
+        self._lock = threading.Lock()
+        self.bytes_read = 0
+
+    def prefetch(self, js: list[int]) -> None:
+        """Start loading these units (the next ones needed), keeping at most read_ahead."""
+        with self._lock:
+            for j in js:
+                if len(self._futures) >= self.read_ahead:
+                    break
+                if j not in self._futures:
+                    self._futures[j] = self._pool.submit(self._load, j)
+
+    def get(self, j: int) -> Unit:
+        with self._lock:
+            fut = self._futures.pop(j, None)
+        if fut is None:
+            return self._load(j)
+        return fut.result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def read_shard(self, shard: int) -> pa.Table:
+        entry = self.shards[shard]
+        uri = storage.join(self.dataset, entry["path"])
+        try:
+            data = storage.read_bytes(uri)
+        except storage.StorageError as err:
+            raise ShardError(
+                f"shard {entry['path']} of {self.dataset} cannot be read: {err}"
+            ) from None
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != entry["sha256"]:
+            raise ShardError(
+                f"shard {uri} does not match its manifest (sha256 {digest[:12]}..., expected "
+                f"{entry['sha256'][:12]}...): it was altered or truncated; re-run prepare"
+            )
+        self.bytes_read += len(data)
+        return pq.read_table(pa.BufferReader(data), columns=["id", "text"])
+
+    def _load(self, j: int) -> Unit:
+        epoch, shard = self.order.unit(j)
+        table = self.read_shard(shard)
+        rows = self.order.rows(j)
+        ids = table.column("id").take(rows).to_pylist()
+        texts = table.column("text").take(rows).to_pylist()
+        if self.transform is not None:
+            texts = self.transform(texts, ids, epoch, j)
+        return Unit(j=j, epoch=epoch, shard=shard, ids=ids, tokens=self.encode(texts))

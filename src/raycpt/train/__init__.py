@@ -1,0 +1,1 @@
+"""Training: the Ray Train worker loop, its DeepSpeed engine and LR schedules, and the launcher."""

@@ -1,0 +1,178 @@
+"""Building the model, tokenizer and DeepSpeed engine of one worker from the config."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+from typing import Any
+
+import torch
+
+from raycpt import storage
+from raycpt.config import CPTConfig, DeepSpeedConfig, ModelConfig, TrainConfig
+from raycpt.train.schedule import lr_multiplier
+
+log = logging.getLogger(__name__)
+
+
+class ModelError(ValueError):
+    """The base model or tokenizer cannot be used for this run; the message says why."""
+
+
+def resolve_precision(ds: DeepSpeedConfig, use_gpu: bool) -> str:
+    if ds.precision != "auto":
+        return ds.precision
+    return "bf16" if use_gpu else "fp32"
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def deepspeed_config(cfg: CPTConfig, precision: str, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON config for this run; ``deepspeed.extra`` is merged in last."""
+    ds = cfg.deepspeed
+    grad_accum = cfg.train.global_batch_size // (cfg.train.micro_batch_size * world_size)
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.zero_stage >= 2:
+        zero.update(overlap_comm=True, contiguous_gradients=True)
+    if ds.zero_stage == 3:
+        zero.update(stage3_gather_16bit_weights_on_model_save=False)
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if ds.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    config = {
+        "train_batch_size": cfg.train.global_batch_size,
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": cfg.train.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
+        # We pass a torch optimizer (no op compilation needed); DeepSpeed only vouches for its own.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    return _merge(config, ds.extra)
+
+
+def _lock(path: str):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    f = open(path, "w")  # noqa: SIM115 - held for the lock's lifetime
+    fcntl.flock(f, fcntl.LOCK_EX)
+    return f
+
+
+def local_copy(uri: str) -> str:
+    """A local folder holding ``uri``: itself if local, else a node-wide cached download.
+
+    Several workers on one node share the download: the first takes a file lock and copies,
+    the others wait on the lock and find the completed copy (marked by a ``.complete`` file).
+    """
+    if not storage.is_remote(uri):
+        return storage.filesystem(uri)[1]
+    cache = os.environ.get("RAYCPT_CACHE_DIR", os.path.expanduser("~/.cache/raycpt"))
+    dest = os.path.join(cache, "models", hashlib.sha256(uri.encode()).hexdigest()[:16])
+    lock = _lock(dest + ".lock")
+    try:
+        if not os.path.exists(os.path.join(dest, ".complete")):
+            storage.download_dir(uri, dest)
+            open(os.path.join(dest, ".complete"), "w").close()
+    finally:
+        lock.close()
+    return dest
+
+
+def load_tokenizer(model_cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    path = local_copy(model_cfg.tokenizer_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"model.tokenizer: cannot load a tokenizer from {path}: {err}") from None
+    if tok.eos_token_id is None:
+        raise ModelError(f"model.tokenizer: the tokenizer at {path} has no eos_token")
+    return tok
+
+
+def _model_config(model_cfg: ModelConfig):
+    from transformers import AutoConfig
+
+    if model_cfg.init is not None:
+        init = dict(model_cfg.init)
+        return AutoConfig.for_model(init.pop("model_type"), **init), None
+    path = local_copy(model_cfg.path)  # type: ignore[arg-type]
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"model.path: {path} is not a Hugging Face model folder: {err}") from None
+    return config, path
+
+
+def check_compatible(config, tokenizer, seq_len: int) -> None:
+    """Refuse a tokenizer/model vocabulary mismatch and a sequence longer than the model allows."""
+    vocab = getattr(config, "vocab_size", None)
+    if vocab is not None and len(tokenizer) > vocab:
+        raise ModelError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab}: "
+            "they do not belong together; point model.tokenizer at the model's own tokenizer"
+        )
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and seq_len > limit:
+        raise ModelError(
+            f"data.seq_len {seq_len} exceeds the model's max_position_embeddings ({limit}); "
+            f"set data.seq_len <= {limit}"
+        )
+
+
+def build_model(model_cfg: ModelConfig, tokenizer, seq_len: int, dtype: torch.dtype):
+    """The causal LM, loaded (or initialised) directly in the active DeepSpeed ZeRO-3 context.
+
+    With ZeRO-3 the caller must hold a live ``HfDeepSpeedConfig`` first: ``transformers`` then
+    creates every parameter already partitioned, so no worker ever holds the whole model.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if model_cfg.trust_remote_code:
+        log.warning("model.trust_remote_code is ON: code shipped with the model will be executed")
+    config, path = _model_config(model_cfg)
+    check_compatible(config, tokenizer, seq_len)
+    kwargs = {"dtype": dtype, "attn_implementation": model_cfg.attn_implementation}
+    try:
+        if path is None:
+            model = AutoModelForCausalLM.from_config(config, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, trust_remote_code=model_cfg.trust_remote_code, **kwargs
+            )
+    except ValueError as err:
+        raise ModelError(
+            f"model: cannot build a causal LM from {path or 'model.init'}: {err}"
+        ) from None
+    if model_cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model
+
+
+def build_optimizer(model, train: TrainConfig, horizon: int, fused: bool):
+    """AdamW without weight decay on biases and norms, and the LR schedule as a LambdaLR."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            ndim = len(getattr(p, "ds_shape", p.shape))  # ZeRO-3 parameters are flat shards
+            (no_decay if ndim < 2 or "norm" in name else decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": train.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW(groups, lr=train.lr, betas=train.betas, eps=train.eps, fused=fused)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(train.schedule, horizon))
+    return opt, sched
