@@ -87,6 +87,7 @@ class CPTDataLoader:
         total_steps: int,
         resume: list[dict] | None = None,
         transform: Transform | None = None,
+        record_documents: bool = False,
     ):
         self.cfg = cfg
         self.layout = layout
@@ -107,6 +108,9 @@ class CPTDataLoader:
             )
             for src, order, split in zip(cfg.sources, orders, splits, strict=True)
         ]
+        if record_documents:  # (doc id, epoch) of every document started, for audits and tests
+            for stream in self.streams:
+                stream.consumed = []
         self.wait_s = 0.0
         self._queue: queue.Queue = queue.Queue(maxsize=cfg.prefetch_batches)
         self._stop = threading.Event()
@@ -140,13 +144,13 @@ class CPTDataLoader:
             "world": self.layout.world,
             "step": self.step,
             "mixer": self.mixer.state_dict(),
-            "cursors": {n: s.cursor.to_dict() for n, s in zip(self.names, self.streams)},
+            "cursors": {n: s.cursor.to_dict() for n, s in zip(self.names, self.streams, strict=False)},
             "tokens_per_source": self.tokens_per_source(),
         }
 
     def tokens_per_source(self) -> dict[str, int]:
         """Tokens consumed so far per source, over all workers."""
-        return {n: int(c) * self.cfg.seq_len for n, c in zip(self.names, self.mixer.count)}
+        return {n: int(c) * self.cfg.seq_len for n, c in zip(self.names, self.mixer.count, strict=False)}
 
     def _produce(self) -> None:
         lay = self.layout

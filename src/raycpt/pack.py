@@ -31,16 +31,15 @@ class SourceStream:
         if not c.units:
             if not self.order.exists(c.next_j):
                 raise SourceExhausted(self.order.name)
-            c.units.append([c.next_j, 0])
+            c.units.append([c.next_j, 0, 0])
             c.next_j += c.stride
-        j, row = c.units[0]
+        j, row, _ = c.units[0]
         if self._unit is None or self._unit.j != j:
             self.reader.prefetch(c.upcoming(self.order, self.reader.read_ahead + 1))
             self._unit = self.reader.get(j)
             self.reader.prefetch(c.upcoming(self.order, self.reader.read_ahead + 1)[1:])
         if row >= len(self._unit.tokens):  # unit finished: move on to the next one
             c.units.pop(0)
-            c.tok_off = 0
             self._unit = None
             return self._ensure_unit()
         return self._unit
@@ -52,19 +51,19 @@ class SourceStream:
         c = self.cursor
         while need:
             unit = self._ensure_unit()
-            row = c.units[0][1]
-            doc = unit.tokens[row]
-            if c.tok_off == 0:
+            pos = c.units[0]  # [j, row, tok_off]
+            doc = unit.tokens[pos[1]]
+            if pos[2] == 0:
                 self.docs_started += 1
                 if self.consumed is not None:
-                    self.consumed.append((unit.ids[row], unit.epoch))
-            take = min(need, len(doc) - c.tok_off)
-            parts.append(doc[c.tok_off : c.tok_off + take])
-            c.tok_off += take
+                    self.consumed.append((unit.ids[pos[1]], unit.epoch))
+            take = min(need, len(doc) - pos[2])
+            parts.append(doc[pos[2] : pos[2] + take])
+            pos[2] += take
             need -= take
-            if c.tok_off >= len(doc):
-                c.units[0][1] += 1
-                c.tok_off = 0
+            if pos[2] >= len(doc):
+                pos[1] += 1
+                pos[2] = 0
         self.tokens_emitted += self.seq_len
         return np.concatenate(parts).astype(np.int64, copy=False)
 

@@ -90,16 +90,15 @@ class UnitOrder:
 class Cursor:
     """Where one worker stands in one source.
 
-    ``units`` holds the unit being read first (``[j, row]``, row = position in the unit's row
-    order of the current document) then units queued by a re-partition; after them the worker
-    continues with ``next_j, next_j + stride, ...``. ``tok_off`` counts the tokens of the current
-    document already emitted.
+    ``units`` holds ``[j, row, tok_off]`` entries: the unit being read first, then units queued by
+    a re-partition. ``row`` is the position, in the unit's row order, of its current document and
+    ``tok_off`` how many of that document's tokens were already emitted. After the queue the
+    worker continues with units ``next_j, next_j + stride, ...``.
     """
 
     units: list[list[int]]
     next_j: int
     stride: int
-    tok_off: int = 0
 
     @classmethod
     def fresh(cls, rank: int, world: int) -> Cursor:
@@ -110,12 +109,11 @@ class Cursor:
             "units": [list(u) for u in self.units],
             "next_j": self.next_j,
             "stride": self.stride,
-            "tok_off": self.tok_off,
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> Cursor:
-        return cls([list(u) for u in d["units"]], d["next_j"], d["stride"], d.get("tok_off", 0))
+        return cls([list(u) for u in d["units"]], d["next_j"], d["stride"])
 
     def upcoming(self, order: UnitOrder, count: int) -> list[int]:
         """The next ``count`` unit ids this worker will read (fewer if the source ends)."""
@@ -128,33 +126,23 @@ class Cursor:
 
 
 def repartition(cursors: Sequence[Cursor], new_world: int) -> list[Cursor]:
-    """Hand the units that ``cursors`` (one per old worker) had not finished to ``new_world`` workers.
+    """Hand the units that ``cursors`` (one per old worker) had not finished to ``new_world``
+    workers; return one cursor per new worker.
 
-    Returns one cursor per new worker. Every unit is owned by exactly one new worker: half-read
-    units keep their row and token position; untouched units below the old workers' furthest
-    point are queued; everything beyond continues strided by the new world size. Pure function.
+    Every unit is owned by exactly one new worker: half-read units keep their row and token
+    position; untouched units below the old workers' furthest point are queued; everything
+    beyond continues strided by the new world size. Pure function.
     """
     if len(cursors) == new_world and all(c.stride == new_world for c in cursors):
         return [Cursor.from_dict(c.to_dict()) for c in cursors]
     frontier = max(c.next_j for c in cursors)
-    leftovers: list[tuple[list[int], int]] = []  # ([j, row], tok_off)
+    leftovers = [list(u) for c in cursors for u in c.units]
     for c in cursors:
-        for i, u in enumerate(c.units):
-            leftovers.append((list(u), c.tok_off if i == 0 else 0))
-        leftovers.extend(([j, 0], 0) for j in range(c.next_j, frontier, c.stride))
-    # Half-read documents first, so each lands at the head of a new worker's queue.
-    leftovers.sort(key=lambda x: (x[1] == 0, x[0][0]))
+        leftovers.extend([j, 0, 0] for j in range(c.next_j, frontier, c.stride))
+    leftovers.sort()
     new = [Cursor([], frontier + r, new_world) for r in range(new_world)]
-    # A worker can only resume one half-read document (its tok_off), so partially read
-    # documents go first, one per worker, round-robin; more than new_world of them can only
-    # happen when shrinking, and then the extra ones restart at their document boundary.
-    for i, (u, tok_off) in enumerate(leftovers):
-        cursor = new[i % new_world]
-        if not cursor.units:
-            cursor.tok_off = tok_off
-        elif tok_off:
-            log.warning("unit %d: re-reading a partly consumed document after re-partition", u[0])
-        cursor.units.append(u)
+    for i, u in enumerate(leftovers):
+        new[i % new_world].units.append(u)
     return new
 
 
