@@ -63,14 +63,20 @@ def test_same_seed_same_batches_and_exact_resume(domain_dataset, tok):
     steps_b = take_steps(b, 6)
     for sa, sb in zip(steps_a, steps_b, strict=True):
         for ra, rb in zip(sa, sb, strict=True):
-            assert all(np.array_equal(x, y) for x, y in zip(ra.micro_batches, rb.micro_batches, strict=False))
+            assert all(
+                np.array_equal(x, y)
+                for x, y in zip(ra.micro_batches, rb.micro_batches, strict=False)
+            )
     # the two workers see different data
     assert not np.array_equal(steps_a[0][0].micro_batches[0], steps_a[0][1].micro_batches[0])
     # resume from the state after step 3: the next three steps are identical
     resumed = loaders(cfg, tok, 2, resume=[r.state for r in steps_a[2]], record=False)
     for sa, sr in zip(steps_a[3:], take_steps(resumed, 3), strict=True):
         for ra, rr in zip(sa, sr, strict=True):
-            assert all(np.array_equal(x, y) for x, y in zip(ra.micro_batches, rr.micro_batches, strict=False))
+            assert all(
+                np.array_equal(x, y)
+                for x, y in zip(ra.micro_batches, rr.micro_batches, strict=False)
+            )
     for ld in a + b + resumed:
         ld.close()
 

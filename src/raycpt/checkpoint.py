@@ -85,14 +85,9 @@ def read_data_states(folder: str) -> list[dict]:
     return [json.load(open(os.path.join(data, n))) for n in sorted(os.listdir(data))]
 
 
-def is_complete(folder: str) -> bool:
-    """True when a local checkpoint folder has metadata, DeepSpeed's files and every data state."""
-    meta_path = os.path.join(folder, META)
-    if not (os.path.exists(meta_path) and os.path.exists(os.path.join(folder, "latest"))):
-        return False
-    world = json.load(open(meta_path)).get("world_size", 1)
-    data = os.path.join(folder, "data")
-    return os.path.isdir(data) and len(os.listdir(data)) == world
+def read_meta(folder: str) -> dict:
+    with open(os.path.join(folder, META)) as f:
+        return json.load(f)
 
 
 def list_checkpoints(run: str) -> list[tuple[int, str]]:

@@ -144,13 +144,17 @@ class CPTDataLoader:
             "world": self.layout.world,
             "step": self.step,
             "mixer": self.mixer.state_dict(),
-            "cursors": {n: s.cursor.to_dict() for n, s in zip(self.names, self.streams, strict=False)},
+            "cursors": {
+                n: s.cursor.to_dict() for n, s in zip(self.names, self.streams, strict=False)
+            },
             "tokens_per_source": self.tokens_per_source(),
         }
 
     def tokens_per_source(self) -> dict[str, int]:
         """Tokens consumed so far per source, over all workers."""
-        return {n: int(c) * self.cfg.seq_len for n, c in zip(self.names, self.mixer.count, strict=False)}
+        return {
+            n: int(c) * self.cfg.seq_len for n, c in zip(self.names, self.mixer.count, strict=False)
+        }
 
     def _produce(self) -> None:
         lay = self.layout

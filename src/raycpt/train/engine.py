@@ -103,7 +103,8 @@ def load_tokenizer(model_cfg: ModelConfig):
     return tok
 
 
-def _model_config(model_cfg: ModelConfig):
+def model_config(model_cfg: ModelConfig):
+    """The transformers config of the model, and its local folder (None when built from init)."""
     from transformers import AutoConfig
 
     if model_cfg.init is not None:
@@ -143,7 +144,7 @@ def build_model(model_cfg: ModelConfig, tokenizer, seq_len: int, dtype: torch.dt
 
     if model_cfg.trust_remote_code:
         log.warning("model.trust_remote_code is ON: code shipped with the model will be executed")
-    config, path = _model_config(model_cfg)
+    config, path = model_config(model_cfg)
     check_compatible(config, tokenizer, seq_len)
     kwargs = {"dtype": dtype, "attn_implementation": model_cfg.attn_implementation}
     try:

@@ -12,6 +12,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from raycpt import storage
 from raycpt.config import CPTConfig
 from raycpt.loader import build_orders
+from raycpt.train.engine import check_compatible, load_tokenizer, model_config
 from raycpt.train.loop import train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -54,9 +55,18 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(address="local", num_cpus=num_cpus or max(8, os.cpu_count() or 1))
 
 
+def preflight(cfg: CPTConfig) -> None:
+    """Checks that fail in seconds on the driver rather than inside every worker: the datasets
+    exist, and (for a local model) tokenizer and model belong together and fit data.seq_len."""
+    build_orders(cfg.data, cfg.seed)
+    model_paths = [p for p in (cfg.model.path, cfg.model.tokenizer_path) if p]
+    if not any(storage.is_remote(p) for p in model_paths):
+        check_compatible(model_config(cfg.model)[0], load_tokenizer(cfg.model), cfg.data.seq_len)
+
+
 def build_trainer(cfg: CPTConfig, start_from: str | None = None) -> TorchTrainer:
     """The TorchTrainer for a run; running it again with the same name resumes."""
-    build_orders(cfg.data, cfg.seed)  # fail here, before workers start, on a missing dataset
+    preflight(cfg)
     fs, path = storage.filesystem(cfg.storage_path)
     resources = {"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker}
     return TorchTrainer(

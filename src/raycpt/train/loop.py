@@ -72,7 +72,10 @@ class Worker:
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=opt, lr_scheduler=sched, config=self.ds_config
         )
+        self.history: list[dict] = []  # every reported metrics window, kept in checkpoints
+        self.segments: list[list[int]] = []  # [first step, last step] of each attempt
         self.step, data_states = self._restore(start_from)
+        self.segments.append([self.step, self.step])
         layout = Layout(
             self.rank,
             self.world,
@@ -97,6 +100,10 @@ class Worker:
             if client is None:
                 raise ckpt.CheckpointError(f"DeepSpeed could not load the checkpoint in {folder}")
             states = ckpt.read_data_states(folder)
+            if checkpoint is not None:  # same run: carry its history on (a new run starts afresh)
+                meta = ckpt.read_meta(folder)
+                self.history = meta.get("history", [])
+                self.segments = meta.get("segments", [])
         finally:
             if ctx:
                 ctx.__exit__(None, None, None)
@@ -148,6 +155,8 @@ class Worker:
                 "zero_stage": self.cfg.deepspeed.zero_stage,
                 "manifests": self.manifests,
                 "tokens_per_source": data_state["tokens_per_source"],
+                "history": self.history,
+                "segments": self.segments,
             }
         folder = ckpt.write_local(
             self.engine,
@@ -187,6 +196,8 @@ class Worker:
             if not (self.step % cfg.train.log_every == 0 or is_ckpt or is_last):
                 continue
             metrics = self._window_metrics(window, tokens_per_step)
+            self.history.append(metrics)
+            self.segments[-1][1] = self.step
             if is_ckpt or is_last:
                 self.save(metrics, final=is_last)
                 saved_step = self.step
@@ -194,7 +205,9 @@ class Worker:
                 ray.train.report(metrics)
             window.update(loss=0.0, steps=0, t0=time.perf_counter(), wait0=self.loader.wait_s)
         if self.step > saved_step:  # the data ran out before max_steps: keep what was trained
-            self.save(self._window_metrics(window, tokens_per_step), final=True)
+            self.history.append(self._window_metrics(window, tokens_per_step))
+            self.segments[-1][1] = self.step
+            self.save(self.history[-1], final=True)
         self.loader.close()
 
     def _next_step(self):
@@ -216,17 +229,18 @@ class Worker:
         loss, wait_frac = self.mean_over_workers(
             [window["loss"] / max(window["steps"], 1), wait / max(elapsed, 1e-9)]
         )
-        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = self.engine.get_global_grad_norm()  # None under ZeRO-0: not reported
         metrics = {
             "step": self.step,
             "loss": loss,
             "lr": self.scheduler.get_last_lr()[0],
-            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "tokens": self.step * tokens_per_step,
             "tokens_per_s": window["steps"] * tokens_per_step / max(elapsed, 1e-9),
             "data_wait_frac": wait_frac,
             **{f"tokens/{k}": v for k, v in self.loader_state["tokens_per_source"].items()},
         }
+        if grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm)
         if self.rank == 0:
             log.info("step %(step)d loss %(loss).4f lr %(lr).2e %(tokens_per_s).0f tok/s", metrics)
         return metrics

@@ -1,0 +1,172 @@
+"""End to end on the session's real Ray cluster: DeepSpeed ZeRO-2/3 on CPU (gloo) with 2 workers,
+checkpoint and resume, export to a Hugging Face folder, `ray job submit`, and refusals of bad
+models before any worker starts."""
+
+import json
+import subprocess
+
+import pytest
+import torch
+import yaml
+from conftest import REPO, ray_cli
+
+from raycpt import checkpoint as ckpt
+from raycpt.config import parse_config
+from raycpt.export import export
+from raycpt.train import launch
+from raycpt.train.engine import ModelError
+
+pytestmark = pytest.mark.slow
+
+
+def latest_meta(cfg) -> dict:
+    return ckpt.read_meta(ckpt.fetch(ckpt.resolve(launch.run_dir(cfg))))
+
+
+@pytest.fixture(scope="module")
+def trained(ray_cluster, tmp_path_factory, base_model_dir, domain_dataset):
+    """One 20-step run per ZeRO stage (2 workers), shared by the tests below."""
+    runs = {}
+    for stage in (2, 3):
+        cfg = parse_config(
+            {
+                "name": f"zero{stage}",
+                "storage_path": str(tmp_path_factory.mktemp("runs")),
+                "model": {"path": str(base_model_dir)},
+                "data": {
+                    "sources": [{"name": "domain", "path": str(domain_dataset)}],
+                    "seq_len": 64,
+                },
+                "train": {
+                    "max_steps": 20,
+                    "micro_batch_size": 4,
+                    "global_batch_size": 16,
+                    "lr": 3e-3,
+                    "log_every": 5,
+                    "schedule": {"warmup_steps": 3},
+                },
+                "deepspeed": {"zero_stage": stage},
+                "checkpoint": {"every_steps": 10},
+                "scaling": {"num_workers": 2},
+            }
+        )
+        launch.run(cfg)
+        runs[stage] = cfg
+    return runs
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_loss_falls_with_two_workers(trained, stage):
+    meta = latest_meta(trained[stage])
+    losses = [h["loss"] for h in meta["history"]]
+    assert [h["step"] for h in meta["history"]] == [5, 10, 15, 20]
+    assert losses[-1] < losses[0] - 0.5, losses
+    assert meta["zero_stage"] == stage and meta["world_size"] == 2
+    assert meta["tokens_per_source"] == {"domain": 20 * 16 * 64}
+    assert all(h["grad_norm"] > 0 for h in meta["history"])
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_export_loads_in_transformers_with_the_engines_logits(trained, stage, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run = launch.run_dir(trained[stage])
+    info = export(run, str(tmp_path / "model"))
+    assert info["step"] == 20
+    assert (tmp_path / "model" / "model.safetensors").exists()
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    AutoTokenizer.from_pretrained(tmp_path / "model")
+    probe = torch.load(f"{ckpt.resolve(run)}/{ckpt.PROBE}", weights_only=True)
+    with torch.no_grad():
+        logits = model(input_ids=probe["input_ids"]).logits
+    assert torch.allclose(logits, probe["logits"], atol=1e-4, rtol=0)
+
+
+def test_checkpoints_hold_data_state_and_metadata(trained):
+    run = launch.run_dir(trained[2])
+    steps = [s for s, _ in ckpt.list_checkpoints(run)]
+    assert steps == [10, 20]
+    folder = ckpt.fetch(ckpt.resolve(run))
+    states = ckpt.read_data_states(folder)
+    assert sorted(s["rank"] for s in states) == [0, 1]
+    assert states[0]["step"] == 20 and states[0]["mixer"]["slot"] == 20 * 16
+    meta = ckpt.read_meta(folder)
+    assert meta["config_hash"] == trained[2].digest()
+    assert len(meta["manifests"]["domain"]["shards"]) == 16
+
+
+def test_stopped_run_resumes_from_its_checkpoint_and_matches(ray_cluster, run_config):
+    """A run stopped after its step-6 checkpoint and started again ends like an unbroken run."""
+    common = {
+        "train__max_steps": 12,
+        "train__log_every": 3,
+        "checkpoint__every_steps": 6,
+        "train__schedule": {"warmup_steps": 2, "horizon_steps": 12},
+    }
+    full = parse_config(run_config(name="full", **common))
+    launch.run(full)
+    first = parse_config(run_config(name="split", **{**common, "train__max_steps": 6}))
+    launch.run(first)
+    again = parse_config(run_config(name="split", **common))
+    launch.run(again)
+
+    a, b = latest_meta(full), latest_meta(again)
+    assert b["segments"] == [[0, 6], [6, 12]]  # the second attempt started at step 6
+    assert [h["step"] for h in b["history"]] == [3, 6, 9, 12]
+    for ha, hb in zip(a["history"], b["history"], strict=True):
+        assert hb["loss"] == pytest.approx(ha["loss"], abs=1e-5)
+        assert hb["lr"] == pytest.approx(ha["lr"], rel=1e-9)
+    assert b["tokens_per_source"] == a["tokens_per_source"]
+
+
+def test_ray_job_submit_runs_the_entry_point(ray_cluster, run_config, tmp_path):
+    cfg = run_config(name="job", train__max_steps=4, train__log_every=2, checkpoint__every_steps=4)
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run(
+        [
+            ray_cli(),
+            "job",
+            "submit",
+            "--address",
+            ray_cluster["dashboard"],
+            "--working-dir",
+            str(REPO),
+            "--",
+            "python",
+            "ray_jobs/cpt.py",
+            "--config",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "succeeded" in proc.stdout
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("raycpt result:"))
+    assert json.loads(line.removeprefix("raycpt result:"))["step"] == 4
+    assert latest_meta(parse_config(cfg))["step"] == 4
+
+
+def test_mismatched_tokenizer_is_refused_before_training(run_config, tmp_path):
+    from support import synthetic_docs
+
+    from raycpt.demo import train_tokenizer
+
+    big = tmp_path / "big-tokenizer"
+    train_tokenizer(
+        synthetic_docs(300, seed=9) + ["".join(map(chr, range(0x4E00, 0x5200)))],
+        big,
+        vocab_size=2000,
+    )
+    cfg = run_config(name="bad")
+    cfg["model"]["tokenizer"] = str(big)
+    with pytest.raises(
+        ModelError, match=r"the tokenizer has \d+ tokens but the model's vocab_size"
+    ):
+        launch.build_trainer(parse_config(cfg))
+    long = run_config(name="bad2", data__seq_len=1024)
+    with pytest.raises(ModelError, match="exceeds the model's max_position_embeddings"):
+        launch.build_trainer(parse_config(long))
+    assert not (tmp_path / "runs" / "bad").exists()
