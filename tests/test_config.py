@@ -119,3 +119,12 @@ def test_digest_is_stable_and_sensitive():
     a, b = parse_config(valid()), parse_config(valid())
     assert a.digest() == b.digest()
     assert parse_config(set_key(valid(), "train.lr", 2e-4)).digest() != a.digest()
+
+
+def test_readme_config_reference_is_current():
+    from raycpt.config import reference_markdown
+
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("<!-- config-reference:start -->\n") + len("<!-- config-reference:start -->\n")
+    end = readme.index("<!-- config-reference:end -->")
+    assert readme[start:end] == reference_markdown(), "run: raycpt config-reference"

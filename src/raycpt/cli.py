@@ -65,6 +65,12 @@ def cmd_demo(args) -> None:
     print(f"\neverything is in {work.resolve()} (models: base-model/, cpt-model/; runs: runs/)")
 
 
+def cmd_config_reference(args) -> None:
+    from raycpt.config import reference_markdown
+
+    print(reference_markdown(), end="")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="raycpt", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -102,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--base-steps", type=int, default=300)
     s.add_argument("--cpt-steps", type=int, default=150)
     s.set_defaults(fn=cmd_demo)
+    s = sub.add_parser("config-reference", help="print the config reference (markdown)")
+    s.set_defaults(fn=cmd_config_reference)
     return p
 
 

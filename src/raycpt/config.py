@@ -38,8 +38,8 @@ class PrepareConfig(_Section):
     output: str = Field(description="Folder or s3:// prefix that receives shards + manifest.json.")
     text_field: str = Field("text", description="Column / JSON key holding the document text.")
     min_chars: int = Field(32, ge=0, description="Documents shorter than this are dropped.")
-    normalization: Literal["NFC", "NFKC", "none"] = "NFC"
-    dedup: Literal["exact", "none"] = "exact"
+    normalization: Literal["NFC", "NFKC", "none"] = Field("NFC", description="Unicode form.")
+    dedup: Literal["exact", "none"] = Field("exact", description="Drop exact duplicates.")
     shard_docs: int = Field(4096, ge=1, description="Target documents per shard.")
     min_shards: int = Field(
         8,
@@ -49,7 +49,7 @@ class PrepareConfig(_Section):
     heldout_fraction: float = Field(
         0.0, ge=0.0, lt=1.0, description="Share of documents split off into the heldout split."
     )
-    seed: int = 0
+    seed: int = Field(0, description="Seed of the held-out split.")
     on_decode_error: Literal["skip", "fail"] = Field(
         "skip", description="What to do with input that is not valid UTF-8."
     )
@@ -70,9 +70,15 @@ class ModelConfig(_Section):
         description="Build the model from scratch from these transformers config fields "
         "(`model_type` required), instead of loading pretrained weights.",
     )
-    trust_remote_code: bool = False
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
-    gradient_checkpointing: bool = False
+    trust_remote_code: bool = Field(
+        False, description="Run code shipped with the model (off: loading never executes code)."
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="Attention kernel passed to transformers."
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward to save memory."
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
@@ -100,9 +106,9 @@ class WeightPoint(_Section):
 class SourceConfig(_Section):
     """One prepared dataset that the run reads, with its share of tokens."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Source name in metrics.")
     path: str = Field(description="Prepared dataset folder or s3:// prefix (holds manifest.json).")
-    split: str = "train"
+    split: str = Field("train", description="Manifest split to train on.")
     weight: float = Field(1.0, ge=0.0, description="Token share (normalised over all sources).")
     schedule: list[WeightPoint] | None = Field(
         None, description="Piecewise-linear weight over the run; overrides `weight`."
@@ -123,7 +129,7 @@ class DataConfig(_Section):
     sources: list[SourceConfig] = Field(min_length=1)
     seq_len: int = Field(512, ge=8, description="Tokens per packed training sequence.")
     read_ahead: int = Field(2, ge=1, description="Shards per source held in memory per worker.")
-    shuffle: bool = True
+    shuffle: bool = Field(True, description="Seeded shard and row order per epoch.")
     on_exhausted: Literal["repeat", "stop"] = Field(
         "repeat", description="A source that runs out starts a new epoch, or the run stops."
     )
@@ -142,8 +148,10 @@ class DataConfig(_Section):
 class ScheduleConfig(_Section):
     """The learning-rate schedule. Continued pretraining re-warms then re-decays by default."""
 
-    name: Literal["rewarm_cosine", "wsd", "constant"] = "rewarm_cosine"
-    warmup_steps: int = Field(100, ge=0)
+    name: Literal["rewarm_cosine", "wsd", "constant"] = Field(
+        "rewarm_cosine", description="constant = the base model's final LR, no warm-up."
+    )
+    warmup_steps: int = Field(100, ge=0, description="Linear re-warm-up from 0.")
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Floor as a fraction of lr.")
     decay_fraction: float = Field(
         0.2, gt=0.0, le=1.0, description="wsd: share of the run spent decaying."
@@ -156,17 +164,17 @@ class ScheduleConfig(_Section):
 class TrainConfig(_Section):
     """Optimisation: steps, batch sizes, optimizer and schedule."""
 
-    max_steps: int = Field(ge=1)
+    max_steps: int = Field(ge=1, description="Optimizer steps of the run.")
     micro_batch_size: int = Field(ge=1, description="Sequences per worker per forward pass.")
     global_batch_size: int = Field(
         ge=1,
         description="Sequences per optimizer step over all workers; gradient accumulation "
         "is derived as global / (micro * workers).",
     )
-    lr: float = Field(gt=0.0)
-    weight_decay: float = Field(0.1, ge=0.0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = Field(1e-8, gt=0.0)
+    lr: float = Field(gt=0.0, description="Peak learning rate.")
+    weight_decay: float = Field(0.1, ge=0.0, description="AdamW decay (not on norms, biases).")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    eps: float = Field(1e-8, gt=0.0, description="AdamW epsilon.")
     grad_clip: float = Field(1.0, ge=0.0, description="Max global grad norm; 0 disables.")
     schedule: ScheduleConfig = ScheduleConfig()
     log_every: int = Field(10, ge=1, description="Report metrics every N steps.")
@@ -181,13 +189,15 @@ class TrainConfig(_Section):
 class DeepSpeedConfig(_Section):
     """DeepSpeed ZeRO settings; `extra` is merged last into the generated DeepSpeed JSON."""
 
-    zero_stage: Literal[0, 1, 2, 3] = 2
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="ZeRO partitioning stage.")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="auto = bf16 on GPU, fp32 on CPU."
     )
-    offload_optimizer: bool = False
-    offload_param: bool = False
-    extra: dict[str, Any] = Field(default_factory=dict)
+    offload_optimizer: bool = Field(False, description="Optimizer state in CPU memory.")
+    offload_param: bool = Field(False, description="ZeRO-3 parameters in CPU memory.")
+    extra: dict[str, Any] = Field(
+        default_factory=dict, description="Raw DeepSpeed config merged over the generated one."
+    )
 
     @model_validator(mode="after")
     def _offload_needs_zero(self) -> DeepSpeedConfig:
@@ -201,17 +211,19 @@ class DeepSpeedConfig(_Section):
 class CheckpointConfig(_Section):
     """When checkpoints are taken and how many are kept."""
 
-    every_steps: int = Field(100, ge=1)
+    every_steps: int = Field(100, ge=1, description="Checkpoint every N steps (and at the end).")
     num_to_keep: int | None = Field(2, ge=1, description="Checkpoints kept; null keeps all.")
 
 
 class ScalingConfig(_Section):
     """How many Ray Train workers and what each one asks for."""
 
-    num_workers: int = Field(1, ge=1)
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0.0)
-    resources_per_worker: dict[str, float] = Field(default_factory=dict)
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU).")
+    use_gpu: bool = Field(False, description="One GPU per worker, NCCL; else CPU and gloo.")
+    cpus_per_worker: float = Field(1.0, gt=0.0, description="CPUs each worker reserves.")
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict, description="Extra Ray resources per worker."
+    )
 
 
 class CPTConfig(_Section):
@@ -219,7 +231,7 @@ class CPTConfig(_Section):
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Run name; reuse it to resume.")
     storage_path: str = Field(description="Where Ray Train keeps checkpoints: folder or s3://.")
-    seed: int = 0
+    seed: int = Field(0, description="Seeds data order and initialisation.")
     model: ModelConfig
     data: DataConfig
     train: TrainConfig
@@ -296,3 +308,45 @@ def load_config(path: str | Path, model: type[BaseModel] = CPTConfig):
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from None
     return parse_config(data, model, source=str(path))
+
+
+def _type_name(annotation: Any) -> str:
+    text = annotation.__name__ if isinstance(annotation, type) else str(annotation)
+    text = text.replace("typing.", "").replace("raycpt.config.", "")
+    return text.replace(" | ", " or ").replace("|", " or ")
+
+
+def reference(model: type[BaseModel] = CPTConfig, prefix: str = "") -> list[str]:
+    """Markdown table rows (key | type | default | meaning) for every field, recursively."""
+    rows = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        ann = field.annotation
+        nested = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        if nested is None:
+            args = [a for a in getattr(ann, "__args__", ()) if isinstance(a, type)]
+            nested = next((a for a in args if issubclass(a, BaseModel)), None)
+        if nested is not None and name != "init":
+            doc = (nested.__doc__ or "").strip().splitlines()[0]
+            rows.append(f"| `{key}` | section | | {doc} |")
+            rows.extend(reference(nested, key + ("[].") if "list" in str(ann) else key + "."))
+            continue
+        default = (
+            "required"
+            if field.is_required()
+            else f"`{field.get_default(call_default_factory=True)!r}`"
+        )
+        desc = (field.description or "").replace("|", "\\|")
+        rows.append(f"| `{key}` | {_type_name(ann)} | {default} | {desc} |")
+    return rows
+
+
+def reference_markdown() -> str:
+    """The config reference section of README.md, generated from the classes above."""
+    head = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    run = "\n".join(head + reference(CPTConfig))
+    prep = "\n".join(head + reference(PrepareConfig))
+    return (
+        f"### Run config (`raycpt train`, `ray_jobs/cpt.py`)\n\n{run}\n\n"
+        f"### Prepare config (`raycpt prepare --config`)\n\n{prep}\n"
+    )
