@@ -1,0 +1,68 @@
+"""Per-step time of `raycpt train` with 2 CPU workers under ZeRO-2 and ZeRO-3.
+
+    python bench/train_step.py [--steps 60] [--workdir /tmp/raycpt-bench]
+
+Builds the demo's corpora, tokenizer and a small Llama (hidden 128, 4 layers, vocab 2048) from
+scratch, then trains it for --steps steps per stage (seq 128, micro-batch 8, global batch 16) and
+prints the median step time over the reporting windows after the first (which holds start-up).
+"""
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from raycpt import checkpoint as ckpt
+from raycpt.config import PrepareConfig, parse_config
+from raycpt.demo import SEQ_LEN, _write_jsonl, domain_texts, tiny_llama, train_tokenizer
+from raycpt.prepare import prepare
+from raycpt.train import launch
+
+
+def setup(work: Path) -> tuple[Path, Path, int]:
+    from transformers import AutoTokenizer
+
+    if not (work / "data" / "manifest.json").exists():
+        _write_jsonl(work / "raw" / "domain.jsonl", domain_texts())
+        prepare(PrepareConfig(inputs=[str(work / "raw")], output=str(work / "data")))
+        train_tokenizer(domain_texts()[:300], work / "tokenizer")
+    return work / "data", work / "tokenizer", len(AutoTokenizer.from_pretrained(work / "tokenizer"))
+
+
+def measure(work: Path, stage: int, steps: int, data: Path, tok: Path, vocab: int) -> dict:
+    cfg = parse_config({
+        "name": f"zero{stage}", "storage_path": str(work / "runs"),
+        "model": {"init": tiny_llama(vocab), "tokenizer": str(tok)},
+        "data": {"sources": [{"name": "d", "path": str(data)}], "seq_len": SEQ_LEN},
+        "train": {"max_steps": steps, "micro_batch_size": 8, "global_batch_size": 16, "lr": 1e-3,
+                  "log_every": 10},
+        "deepspeed": {"zero_stage": stage}, "checkpoint": {"every_steps": steps},
+        "scaling": {"num_workers": 2},
+    })
+    launch.run(cfg)
+    history = ckpt.read_meta(ckpt.fetch(ckpt.resolve(launch.run_dir(cfg))))["history"][1:]
+    tokens_per_step = 16 * SEQ_LEN
+    step_s = [tokens_per_step / h["tokens_per_s"] for h in history]
+    return {"zero_stage": stage, "median_step_ms": 1000 * statistics.median(step_s),
+            "min_step_ms": 1000 * min(step_s), "max_step_ms": 1000 * max(step_s),
+            "tokens_per_s": tokens_per_step / statistics.median(step_s),
+            "data_wait_frac": statistics.median(h["data_wait_frac"] for h in history)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--workdir", default="/tmp/raycpt-bench")
+    args = p.parse_args()
+    work = Path(args.workdir)
+    import shutil
+
+    shutil.rmtree(work / "runs", ignore_errors=True)
+    data, tok, vocab = setup(work)
+    launch.init_ray()
+    for stage in (2, 3):
+        print(json.dumps(measure(work, stage, args.steps, data, tok, vocab)))
+
+
+if __name__ == "__main__":
+    main()
