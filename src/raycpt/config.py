@@ -79,6 +79,9 @@ class ModelConfig(_Section):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in backward to save memory."
     )
+    compile: bool = Field(
+        False, description="torch.compile each decoder layer (regional compilation; GPU)."
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:

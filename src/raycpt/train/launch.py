@@ -29,7 +29,9 @@ DEFAULT_ENV = {
 
 
 def worker_env(cfg: CPTConfig) -> dict[str, str]:
-    env = {k: v for k, v in DEFAULT_ENV.items() if v}
+    """Environment for the train workers: defaults, unless the driver's environment sets them
+    (the Helm chart points TORCH_EXTENSIONS_DIR at the pod's scratch volume, for example)."""
+    env = {k: os.environ.get(k, v) for k, v in DEFAULT_ENV.items() if v}
     if not cfg.scaling.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
     # Forward the S3 endpoint/region (never credentials: workers get those from their own chain).
