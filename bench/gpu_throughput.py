@@ -22,25 +22,43 @@ import torch
 PEAK_BF16 = {"H100": 989.5e12, "H200": 989.5e12, "A100": 312e12}
 
 LLAMA_1B = {
-    "model_type": "llama", "vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192,
-    "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
-    "max_position_embeddings": 8192, "rope_theta": 500000.0, "tie_word_embeddings": True,
+    "model_type": "llama",
+    "vocab_size": 128256,
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "max_position_embeddings": 8192,
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": True,
 }
 
 
 def run_config(args):
     from raycpt.config import parse_config
 
-    return parse_config({
-        "name": "gpu-bench", "storage_path": "/tmp/unused",
-        "model": {"init": LLAMA_1B, "tokenizer": "unused",
-                  "gradient_checkpointing": args.grad_ckpt, "compile": args.compile},
-        "data": {"sources": [{"name": "random", "path": "unused"}], "seq_len": args.seq},
-        "train": {"max_steps": args.steps, "micro_batch_size": args.micro_batch,
-                  "global_batch_size": args.micro_batch * args.accum, "lr": 1e-4},
-        "deepspeed": {"zero_stage": args.zero, "precision": "bf16"},
-        "scaling": {"num_workers": 1, "use_gpu": True},
-    })
+    return parse_config(
+        {
+            "name": "gpu-bench",
+            "storage_path": "/tmp/unused",
+            "model": {
+                "init": LLAMA_1B,
+                "tokenizer": "unused",
+                "gradient_checkpointing": args.grad_ckpt,
+                "compile": args.compile,
+            },
+            "data": {"sources": [{"name": "random", "path": "unused"}], "seq_len": args.seq},
+            "train": {
+                "max_steps": args.steps,
+                "micro_batch_size": args.micro_batch,
+                "global_batch_size": args.micro_batch * args.accum,
+                "lr": 1e-4,
+            },
+            "deepspeed": {"zero_stage": args.zero, "precision": "bf16"},
+            "scaling": {"num_workers": 1, "use_gpu": True},
+        }
+    )
 
 
 def main() -> None:
@@ -55,8 +73,13 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="model.compile: regional torch.compile")
     p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of 3 steps")
     args = p.parse_args()
-    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511", "RANK": "0",
-                 "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
+    for k, v in {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29511",
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+    }.items():
         os.environ.setdefault(k, v)
 
     import deepspeed
@@ -73,8 +96,9 @@ def main() -> None:
     fields = dict(LLAMA_1B)
     config = AutoConfig.for_model(fields.pop("model_type"), **fields)
     with torch.device("cuda" if args.zero != 3 else "cpu"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16,
-                                                 attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=torch.bfloat16, attn_implementation="sdpa"
+        )
     if args.grad_ckpt:
         model.gradient_checkpointing_enable()
     if args.compile:
@@ -83,8 +107,9 @@ def main() -> None:
     d, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
     matmul_params = n_params - vocab * d + (vocab * d if config.tie_word_embeddings else 0)
     opt, sched = build_optimizer(model, cfg.train, cfg.horizon_steps, fused=True)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
-                                           config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=opt, lr_scheduler=sched, config=ds_config
+    )
     tokens_per_step = args.micro_batch * args.accum * args.seq
     x = torch.randint(0, vocab, (args.micro_batch, args.seq), device="cuda")
 
@@ -116,15 +141,29 @@ def main() -> None:
     flops_per_token = 6 * matmul_params + 12 * layers * d * args.seq
     name = torch.cuda.get_device_name(0)
     peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
-    print(json.dumps({
-        "gpu": name, "zero": args.zero, "micro_batch": args.micro_batch, "accum": args.accum,
-        "seq": args.seq, "grad_ckpt": args.grad_ckpt, "compile": args.compile, "params": n_params,
-        "step_s": elapsed / args.steps, "tokens_per_s": tps,
-        "tflops": tps * flops_per_token / 1e12,
-        "mfu": tps * flops_per_token / peak if peak else None,
-        "max_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
-        "loss": loss.item(), "torch": torch.__version__, "deepspeed": deepspeed.__version__,
-    }), flush=True)
+    print(
+        json.dumps(
+            {
+                "gpu": name,
+                "zero": args.zero,
+                "micro_batch": args.micro_batch,
+                "accum": args.accum,
+                "seq": args.seq,
+                "grad_ckpt": args.grad_ckpt,
+                "compile": args.compile,
+                "params": n_params,
+                "step_s": elapsed / args.steps,
+                "tokens_per_s": tps,
+                "tflops": tps * flops_per_token / 1e12,
+                "mfu": tps * flops_per_token / peak if peak else None,
+                "max_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+                "loss": loss.item(),
+                "torch": torch.__version__,
+                "deepspeed": deepspeed.__version__,
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -30,23 +30,36 @@ def setup(work: Path) -> tuple[Path, Path, int]:
 
 
 def measure(work: Path, stage: int, steps: int, data: Path, tok: Path, vocab: int) -> dict:
-    cfg = parse_config({
-        "name": f"zero{stage}", "storage_path": str(work / "runs"),
-        "model": {"init": tiny_llama(vocab), "tokenizer": str(tok)},
-        "data": {"sources": [{"name": "d", "path": str(data)}], "seq_len": SEQ_LEN},
-        "train": {"max_steps": steps, "micro_batch_size": 8, "global_batch_size": 16, "lr": 1e-3,
-                  "log_every": 10},
-        "deepspeed": {"zero_stage": stage}, "checkpoint": {"every_steps": steps},
-        "scaling": {"num_workers": 2},
-    })
+    cfg = parse_config(
+        {
+            "name": f"zero{stage}",
+            "storage_path": str(work / "runs"),
+            "model": {"init": tiny_llama(vocab), "tokenizer": str(tok)},
+            "data": {"sources": [{"name": "d", "path": str(data)}], "seq_len": SEQ_LEN},
+            "train": {
+                "max_steps": steps,
+                "micro_batch_size": 8,
+                "global_batch_size": 16,
+                "lr": 1e-3,
+                "log_every": 10,
+            },
+            "deepspeed": {"zero_stage": stage},
+            "checkpoint": {"every_steps": steps},
+            "scaling": {"num_workers": 2},
+        }
+    )
     launch.run(cfg)
     history = ckpt.read_meta(ckpt.fetch(ckpt.resolve(launch.run_dir(cfg))))["history"][1:]
     tokens_per_step = 16 * SEQ_LEN
     step_s = [tokens_per_step / h["tokens_per_s"] for h in history]
-    return {"zero_stage": stage, "median_step_ms": 1000 * statistics.median(step_s),
-            "min_step_ms": 1000 * min(step_s), "max_step_ms": 1000 * max(step_s),
-            "tokens_per_s": tokens_per_step / statistics.median(step_s),
-            "data_wait_frac": statistics.median(h["data_wait_frac"] for h in history)}
+    return {
+        "zero_stage": stage,
+        "median_step_ms": 1000 * statistics.median(step_s),
+        "min_step_ms": 1000 * min(step_s),
+        "max_step_ms": 1000 * max(step_s),
+        "tokens_per_s": tokens_per_step / statistics.median(step_s),
+        "data_wait_frac": statistics.median(h["data_wait_frac"] for h in history),
+    }
 
 
 def main() -> None:

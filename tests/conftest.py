@@ -3,9 +3,12 @@ built from a config, and small prepared corpora. Nothing is downloaded."""
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -29,9 +32,78 @@ def ray_cli() -> str:
     return str(Path(sys.executable).with_name("ray"))
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+
+
+S3_BUCKET = "raycpt-test"
+
+
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """A real local Ray head (dashboard + job API on loopback); the test process connects to it."""
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server process (moto_server) on loopback, with authentication on:
+    an IAM user and access key are created first, and only that key is accepted afterwards.
+    The test process and the Ray cluster reach it over HTTP with the standard AWS variables."""
+    import boto3
+
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+        env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "4"},
+        stdout=log,
+        stderr=log,
+    )
+    wait_port(port)
+    endpoint = f"http://127.0.0.1:{port}"
+    iam = boto3.client(
+        "iam",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="bootstrap",
+        aws_secret_access_key="bootstrap",
+    )
+    iam.create_user(UserName="raycpt")
+    policy = {
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}],
+    }
+    iam.put_user_policy(UserName="raycpt", PolicyName="all", PolicyDocument=json.dumps(policy))
+    key = iam.create_access_key(UserName="raycpt")["AccessKey"]
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_REGION": "us-east-1",
+        "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
+        "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    os.environ.update(env)
+    CLUSTER_ENV.update(env)
+    from raycpt import storage
+
+    storage._S3.reset()
+    storage._S3.client().create_bucket(Bucket=S3_BUCKET)
+    yield {"endpoint": endpoint, "port": port, "bucket": S3_BUCKET, **env}
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server):
+    """A real local Ray head (dashboard + job API on loopback); the test process connects to it.
+    Started after the S3 server, so that its workers inherit the S3 endpoint and credentials."""
     import ray
 
     env = {**os.environ, **CLUSTER_ENV}

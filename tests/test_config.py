@@ -125,6 +125,8 @@ def test_readme_config_reference_is_current():
     from raycpt.config import reference_markdown
 
     readme = (REPO / "README.md").read_text()
-    start = readme.index("<!-- config-reference:start -->\n") + len("<!-- config-reference:start -->\n")
+    start = readme.index("<!-- config-reference:start -->\n") + len(
+        "<!-- config-reference:start -->\n"
+    )
     end = readme.index("<!-- config-reference:end -->")
     assert readme[start:end] == reference_markdown(), "run: raycpt config-reference"

@@ -170,3 +170,59 @@ def test_mismatched_tokenizer_is_refused_before_training(run_config, tmp_path):
     with pytest.raises(ModelError, match="exceeds the model's max_position_embeddings"):
         launch.build_trainer(parse_config(long))
     assert not (tmp_path / "runs" / "bad").exists()
+
+
+def test_everything_on_s3_prepare_train_resume_export(
+    ray_cluster, s3_server, base_model_dir, tmp_path
+):
+    """Dataset, base model, checkpoints and export all on the loopback S3 server."""
+    from support import synthetic_docs, write_jsonl
+    from test_storage import upload_dir
+    from transformers import AutoModelForCausalLM
+
+    from raycpt import storage
+    from raycpt.config import PrepareConfig
+    from raycpt.prepare import prepare
+
+    root = f"s3://{s3_server['bucket']}/e2e"
+    write_jsonl(tmp_path / "raw" / "d.jsonl", synthetic_docs(200, seed=4))
+    prepare(PrepareConfig(inputs=[str(tmp_path / "raw")], output=f"{root}/data"))
+    upload_dir(base_model_dir, f"{root}/base")
+    cfg = {
+        "name": "s3run",
+        "storage_path": f"{root}/runs",
+        "model": {"path": f"{root}/base"},
+        "data": {"sources": [{"name": "d", "path": f"{root}/data"}], "seq_len": 64},
+        "train": {
+            "max_steps": 4,
+            "micro_batch_size": 4,
+            "global_batch_size": 8,
+            "lr": 3e-3,
+            "log_every": 2,
+            "schedule": {"warmup_steps": 1, "horizon_steps": 8},
+        },
+        "checkpoint": {"every_steps": 4},
+        "scaling": {"num_workers": 2},
+        "storage": {"endpoint_url": s3_server["endpoint"]},
+    }
+    launch.run(parse_config(cfg))
+    cfg["train"]["max_steps"] = 8
+    launch.run(parse_config(cfg))
+    run = f"{root}/runs/s3run"
+    assert [s for s, _ in ckpt.list_checkpoints(run)] == [4, 8]
+    assert ckpt.read_meta(ckpt.fetch(ckpt.resolve(run)))["segments"] == [[0, 4], [4, 8]]
+
+    export(run, f"{root}/export")
+    local = storage.download_dir(f"{root}/export", str(tmp_path / "export"))
+    model = AutoModelForCausalLM.from_pretrained(local)
+    probe = torch.load(ckpt.fetch(ckpt.resolve(run)) + "/" + ckpt.PROBE, weights_only=True)
+    with torch.no_grad():
+        assert torch.allclose(
+            model(input_ids=probe["input_ids"]).logits, probe["logits"], atol=1e-4
+        )
+    # credentials never land in what the run wrote
+    secrets = (s3_server["AWS_SECRET_ACCESS_KEY"].encode(), s3_server["AWS_ACCESS_KEY_ID"].encode())
+    for loc, _ in storage.list_objects(root):
+        if not loc.endswith((".pt", ".safetensors", ".parquet")):
+            blob = storage.read_bytes(loc)
+            assert not any(s in blob for s in secrets), loc

@@ -24,6 +24,19 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class StorageConfig(_Section):
+    """Object-storage endpoint and region; credentials always come from the standard AWS chain
+    (environment, profile, web identity / IRSA), never from this file."""
+
+    endpoint_url: str | None = Field(
+        None,
+        description="S3-compatible endpoint (MinIO, Ceph RGW, R2, GCS interop), e.g. "
+        "http://minio:9000; default: AWS_ENDPOINT_URL or AWS itself.",
+        pattern=r"^https?://",
+    )
+    region: str | None = Field(None, description="Default: AWS_REGION / the profile's region.")
+
+
 # ---------------------------------------------------------------------------------------------
 # prepare
 # ---------------------------------------------------------------------------------------------
@@ -53,6 +66,7 @@ class PrepareConfig(_Section):
     on_decode_error: Literal["skip", "fail"] = Field(
         "skip", description="What to do with input that is not valid UTF-8."
     )
+    storage: StorageConfig = StorageConfig()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,6 +255,7 @@ class CPTConfig(_Section):
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     scaling: ScalingConfig = ScalingConfig()
+    storage: StorageConfig = StorageConfig()
 
     @model_validator(mode="after")
     def _batch_divides(self) -> CPTConfig:

@@ -82,10 +82,11 @@ def make_encoder(tokenizer):
 
     def encode(texts: list[str]) -> list[np.ndarray]:
         if backend is not None:
-            ids = [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+            ids = (e.ids for e in backend.encode_batch(texts, add_special_tokens=False))
         else:
-            ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+            ids = iter(tokenizer(texts, add_special_tokens=False)["input_ids"])
         head = [bos] if bos is not None and bos != eos else []
+        # one document's Python list at a time: a shard's worth would be ~8x its int32 array
         return [np.asarray(head + x + [eos], dtype=np.int32) for x in ids]
 
     return encode

@@ -196,6 +196,7 @@ def write_split(cfg: PrepareConfig, split: str, docs: list[dict]) -> list[dict]:
 
 def prepare(cfg: PrepareConfig) -> dict:
     """Run the whole preparation and return the manifest that was written."""
+    storage.configure(cfg.storage.endpoint_url, cfg.storage.region)
     manifest_uri = storage.join(cfg.output, MANIFEST)
     # Hide any earlier dataset at this location while its shards are being rewritten.
     storage.delete(manifest_uri)

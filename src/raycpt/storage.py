@@ -9,6 +9,7 @@ here speaks HTTP itself. This module knows nothing of tokens or training.
 from __future__ import annotations
 
 import functools
+import io
 import logging
 import os
 import posixpath
@@ -22,6 +23,18 @@ log = logging.getLogger(__name__)
 
 class StorageError(RuntimeError):
     """A storage operation failed permanently; the message names the object and what to check."""
+
+
+def configure(endpoint_url: str | None = None, region: str | None = None) -> None:
+    """Apply a config's endpoint/region for this process and the Ray workers it starts (they
+    inherit these variables through the job's runtime environment)."""
+    changed = False
+    for var, value in (("AWS_ENDPOINT_URL", endpoint_url), ("AWS_REGION", region)):
+        if value and os.environ.get(var) != value:
+            os.environ[var] = value
+            changed = True
+    if changed:
+        _S3.reset()
 
 
 def is_remote(uri: str) -> bool:
@@ -67,118 +80,221 @@ def join(uri: str, *parts: str) -> str:
     return os.path.join(uri, *parts)
 
 
-def _describe(err: OSError, uri: str) -> StorageError:
+class _S3:
+    """boto3 for object operations: the standard credential chain (environment, profile, web
+    identity / IRSA), botocore's own retries with backoff and jitter for transient faults, ETags,
+    and multipart transfers. pyarrow's filesystem (above) serves Ray Train's checkpoint storage."""
+
+    _client = None
+
+    @classmethod
+    def client(cls):
+        if cls._client is None:
+            import boto3
+            from botocore.config import Config
+
+            endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+            cls._client = boto3.session.Session().client(
+                "s3",
+                config=Config(
+                    retries={"mode": "standard", "max_attempts": 10},
+                    connect_timeout=5,
+                    read_timeout=60,
+                    max_pool_connections=32,
+                    # S3-compatible stores (MinIO, Ceph RGW, moto) want path-style addressing.
+                    s3={"addressing_style": "path" if endpoint else "auto"},
+                ),
+            )
+        return cls._client
+
+    @classmethod
+    def reset(cls) -> None:
+        """Forget the client (after the environment's endpoint or credentials changed)."""
+        cls._client = None
+        _s3_filesystem.cache_clear()
+
+
+def _split(uri: str) -> tuple[str, str]:
+    parsed = urlparse(uri)
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+def _transfer_config():
+    from boto3.s3.transfer import TransferConfig
+
+    # Objects above 64 MiB go up and down in parallel 64 MiB parts (multipart upload).
+    return TransferConfig(
+        multipart_threshold=64 * 2**20, multipart_chunksize=64 * 2**20, max_concurrency=8
+    )
+
+
+def _describe(err: Exception, uri: str) -> StorageError:
+    """A permanent storage fault as a message that names the object and what to check."""
+    from botocore.exceptions import ClientError, NoCredentialsError
+
+    if isinstance(err, NoCredentialsError):
+        return StorageError(
+            f"{uri}: no AWS credentials found; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+            "AWS_PROFILE, or a web identity (IRSA) for this pod"
+        )
+    if isinstance(err, ClientError):
+        code = err.response.get("Error", {}).get("Code", "")
+        hint = {
+            "NoSuchBucket": "the bucket does not exist: create it or fix the bucket name",
+            "NoSuchKey": "no such object",
+            "404": "no such object",
+            "AccessDenied": "access denied: check the bucket policy and the role's permissions",
+            "403": "access denied: check the credentials and the bucket policy",
+            "InvalidAccessKeyId": "the access key id is not known to the store: check the "
+            "credentials (AWS_ACCESS_KEY_ID / profile / IRSA role)",
+            "SignatureDoesNotMatch": "the secret key does not match the access key id: check "
+            "AWS_SECRET_ACCESS_KEY",
+            "ExpiredToken": "the session token has expired: refresh the credentials",
+        }.get(code, err.response.get("Error", {}).get("Message", str(err)))
+        return StorageError(f"{uri}: {hint} ({code})")
     text = str(err)
-    hint = ""
-    if "AccessDenied" in text or "403" in text or "InvalidAccessKeyId" in text:
-        hint = " (check the credentials: AWS_ACCESS_KEY_ID / profile / IRSA role, and the bucket policy)"
-    elif "NoSuchBucket" in text:
-        hint = " (the bucket does not exist: create it or fix the bucket name)"
-    elif "No space left" in text:
-        hint = " (the disk is full: free space or choose another location)"
-    return StorageError(f"{uri}: {text}{hint}")
+    if "No space left" in text:
+        text += " (the disk is full: free space or choose another location)"
+    return StorageError(f"{uri}: {text}")
+
+
+def _is_not_found(err: Exception) -> bool:
+    from botocore.exceptions import ClientError
+
+    return isinstance(err, ClientError) and err.response.get("Error", {}).get("Code") in (
+        "404",
+        "NoSuchKey",
+        "NotFound",
+    )
 
 
 def read_bytes(uri: str) -> bytes:
     """Read a whole object or file."""
-    fs, path = filesystem(uri)
     try:
-        with fs.open_input_stream(path) as f:
+        if is_remote(uri):
+            bucket, key = _split(uri)
+            return _S3.client().get_object(Bucket=bucket, Key=key)["Body"].read()
+        with open(filesystem(uri)[1], "rb") as f:
             return f.read()
     except FileNotFoundError:
         raise StorageError(f"{uri}: not found") from None
-    except OSError as err:
+    except Exception as err:
+        if _is_not_found(err):
+            raise StorageError(f"{uri}: not found") from None
         raise _describe(err, uri) from err
 
 
 def exists(uri: str) -> bool:
-    fs, path = filesystem(uri)
+    """True if the file or object exists."""
+    if not is_remote(uri):
+        return os.path.exists(filesystem(uri)[1])
+    bucket, key = _split(uri)
     try:
-        return fs.get_file_info(path).type != pafs.FileType.NotFound
-    except OSError as err:
-        raise _describe(err, uri) from err
-
-
-def makedirs(uri: str) -> None:
-    fs, path = filesystem(uri)
-    try:
-        fs.create_dir(path, recursive=True)
-    except OSError as err:
+        _S3.client().head_object(Bucket=bucket, Key=key)
+        return True
+    except Exception as err:
+        if _is_not_found(err):
+            return False
         raise _describe(err, uri) from err
 
 
 def write_bytes(uri: str, data: bytes) -> None:
     """Write an object so that readers see either nothing or all of it.
 
-    On S3 a single PUT (or a completed multipart upload) is atomic already. On local disk we
-    write a temporary sibling and rename it into place.
+    On S3 a PUT, or a completed multipart upload, is atomic already. On local disk we write a
+    temporary sibling, fsync it and rename it into place.
     """
-    fs, path = filesystem(uri)
     try:
-        if isinstance(fs, pafs.LocalFileSystem):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-        else:
-            with fs.open_output_stream(path) as f:
+        if is_remote(uri):
+            bucket, key = _split(uri)
+            _S3.client().upload_fileobj(io.BytesIO(data), bucket, key, Config=_transfer_config())
+            return
+        path = filesystem(uri)[1]
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            with open(tmp, "wb") as f:
                 f.write(data)
-    except OSError as err:
-        raise _describe(err, uri) from err
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except Exception as err:
+        raise _describe(getattr(err, "last_exception", None) or err, uri) from err
 
 
 def delete(uri: str) -> None:
-    fs, path = filesystem(uri)
+    """Delete a file or object; a missing one is fine."""
     try:
-        fs.delete_file(path)
-    except FileNotFoundError:
-        pass
-    except OSError as err:
+        if is_remote(uri):
+            bucket, key = _split(uri)
+            _S3.client().delete_object(Bucket=bucket, Key=key)
+        elif os.path.exists(filesystem(uri)[1]):
+            os.unlink(filesystem(uri)[1])
+    except Exception as err:
         raise _describe(err, uri) from err
+
+
+def list_objects(uri: str) -> list[tuple[str, str]]:
+    """(location, etag) of every object under an s3:// prefix, sorted by key."""
+    bucket, prefix = _split(uri)
+    prefix = prefix.rstrip("/") + "/" if prefix else ""
+    out = []
+    try:
+        pages = _S3.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        for page in pages:
+            # Keys ending in "/" are directory markers (pyarrow, consoles): not objects to copy.
+            out.extend(
+                (f"s3://{bucket}/{o['Key']}", o["ETag"])
+                for o in page.get("Contents", [])
+                if not o["Key"].endswith("/")
+            )
+    except Exception as err:
+        raise _describe(err, uri) from err
+    return sorted(out)
 
 
 def list_files(uri: str, suffixes: tuple[str, ...] = ()) -> list[str]:
     """All files under a location (recursively), as full locations, sorted; or the file itself."""
-    fs, path = filesystem(uri)
-    try:
-        info = fs.get_file_info(path)
-        if info.type == pafs.FileType.File:
-            return [uri]
-        if info.type == pafs.FileType.NotFound:
+    if is_remote(uri):
+        found = [loc for loc, _ in list_objects(uri)]
+        if not found and exists(uri):
+            found = [uri]
+        if not found:
+            raise StorageError(f"{uri}: not found (no objects under this prefix)")
+    else:
+        path = filesystem(uri)[1]
+        if os.path.isfile(path):
+            found = [uri]
+        elif os.path.isdir(path):
+            found = [os.path.join(root, n) for root, _, names in os.walk(path) for n in names]
+        else:
             raise StorageError(f"{uri}: not found")
-        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-    except OSError as err:
-        raise _describe(err, uri) from err
-    out = []
-    for i in infos:
-        if i.type != pafs.FileType.File or (suffixes and not i.path.endswith(suffixes)):
-            continue
-        rel = os.path.relpath(i.path, path) if not is_remote(uri) else i.path[len(path) + 1 :]
-        out.append(join(uri, rel))
-    return sorted(out)
+    return sorted(f for f in found if not suffixes or f.endswith(suffixes))
 
 
 def download_dir(uri: str, local_dir: str) -> str:
     """Copy a folder or prefix to a local folder (used for checkpoints and base models)."""
     if not is_remote(uri):
         return filesystem(uri)[1]
-    fs, path = filesystem(uri)
-    os.makedirs(local_dir, exist_ok=True)
-    try:
-        pafs.copy_files(
-            path,
-            local_dir,
-            source_filesystem=fs,
-            destination_filesystem=pafs.LocalFileSystem(),
-            use_threads=True,
-        )
-    except OSError as err:
-        raise _describe(err, uri) from err
+    from concurrent.futures import ThreadPoolExecutor
+
+    prefix = uri.rstrip("/") + "/"
+    objects = [loc for loc, _ in list_objects(uri)]
+    if not objects:
+        raise StorageError(f"{uri}: not found (no objects under this prefix)")
+
+    def fetch(loc: str) -> None:
+        dest = os.path.join(local_dir, loc[len(prefix) :])
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        bucket, key = _split(loc)
+        try:
+            _S3.client().download_file(bucket, key, dest, Config=_transfer_config())
+        except Exception as err:
+            raise _describe(err, loc) from err
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(fetch, objects))
     return local_dir

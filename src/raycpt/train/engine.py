@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import logging
 import os
+import shutil
 from typing import Any
 
 import torch
@@ -73,18 +75,26 @@ def _lock(path: str):
 def local_copy(uri: str) -> str:
     """A local folder holding ``uri``: itself if local, else a node-wide cached download.
 
-    Several workers on one node share the download: the first takes a file lock and copies,
-    the others wait on the lock and find the completed copy (marked by a ``.complete`` file).
+    The cache key covers every object's ETag, so a changed model is downloaded again. Several
+    workers on one node share one download: the first takes a file lock and copies into a
+    staging folder that is renamed into place when complete; the others wait on the lock and
+    find the finished copy.
     """
     if not storage.is_remote(uri):
         return storage.filesystem(uri)[1]
+    objects = storage.list_objects(uri)
+    if not objects:
+        raise ModelError(f"{uri}: no objects under this prefix; check model.path")
+    key = hashlib.sha256(json.dumps([uri, objects]).encode()).hexdigest()[:20]
     cache = os.environ.get("RAYCPT_CACHE_DIR", os.path.expanduser("~/.cache/raycpt"))
-    dest = os.path.join(cache, "models", hashlib.sha256(uri.encode()).hexdigest()[:16])
+    dest = os.path.join(cache, "models", key)
     lock = _lock(dest + ".lock")
     try:
-        if not os.path.exists(os.path.join(dest, ".complete")):
-            storage.download_dir(uri, dest)
-            open(os.path.join(dest, ".complete"), "w").close()
+        if not os.path.isdir(dest):
+            staging = dest + ".partial"
+            shutil.rmtree(staging, ignore_errors=True)
+            storage.download_dir(uri, staging)
+            os.replace(staging, dest)
     finally:
         lock.close()
     return dest

@@ -92,6 +92,7 @@ def build_trainer(cfg: CPTConfig, start_from: str | None = None) -> TorchTrainer
 
 def run(cfg: CPTConfig, start_from: str | None = None) -> ray.train.Result:
     """Train (or resume) the run described by `cfg` and return Ray Train's result."""
+    storage.configure(cfg.storage.endpoint_url, cfg.storage.region)
     init_ray()
     result = build_trainer(cfg, start_from).fit()
     log.info("run %s finished: %s", cfg.name, result.metrics)
