@@ -179,7 +179,12 @@ class UnitReader:
         self.encode = encode
         self.read_ahead = read_ahead
         self.transform = transform
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"read-{order.name}")
+        # Two stages so that downloads overlap decoding: up to read_ahead shard downloads run
+        # at once (I/O-bound), while one thread verifies, decodes and tokenizes in order.
+        self._io = ThreadPoolExecutor(
+            max_workers=read_ahead, thread_name_prefix=f"get-{order.name}"
+        )
+        self._cpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tok-{order.name}")
         self._futures: OrderedDict[int, Future] = OrderedDict()
         self._lock = threading.Lock()
         self.bytes_read = 0
@@ -191,7 +196,8 @@ class UnitReader:
                 if len(self._futures) >= self.read_ahead:
                     break
                 if j not in self._futures:
-                    self._futures[j] = self._pool.submit(self._load, j)
+                    data = self._io.submit(self.fetch, self.order.unit(j)[1])
+                    self._futures[j] = self._cpu.submit(self._load, j, data)
 
     def get(self, j: int) -> Unit:
         with self._lock:
@@ -201,9 +207,11 @@ class UnitReader:
         return fut.result()
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._io.shutdown(wait=False, cancel_futures=True)
+        self._cpu.shutdown(wait=False, cancel_futures=True)
 
-    def read_shard(self, shard: int) -> pa.Table:
+    def fetch(self, shard: int) -> bytes:
+        """A shard's bytes, checked against the manifest's sha256."""
         entry = self.shards[shard]
         uri = storage.join(self.dataset, entry["path"])
         try:
@@ -219,11 +227,12 @@ class UnitReader:
                 f"{entry['sha256'][:12]}...): it was altered or truncated; re-run prepare"
             )
         self.bytes_read += len(data)
-        return pq.read_table(pa.BufferReader(data), columns=["id", "text"])
+        return data
 
-    def _load(self, j: int) -> Unit:
+    def _load(self, j: int, data: Future | None = None) -> Unit:
         epoch, shard = self.order.unit(j)
-        table = self.read_shard(shard)
+        raw = data.result() if data is not None else self.fetch(shard)
+        table = pq.read_table(pa.BufferReader(raw), columns=["id", "text"])
         rows = self.order.rows(j)
         ids = table.column("id").take(rows).to_pylist()
         texts = table.column("text").take(rows).to_pylist()
