@@ -199,3 +199,13 @@ def test_base_model_from_s3_is_downloaded_once_per_node_and_keyed_by_etag(
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in "".join(
         p.read_text(errors="ignore") for p in folder.rglob("*") if p.is_file()
     )
+
+
+def test_large_objects_use_multipart_upload_and_round_trip(s3_server, monkeypatch):
+    monkeypatch.setattr(storage, "MULTIPART_BYTES", 5 * 2**20)  # S3's smallest part size
+    data = os.urandom(12 * 2**20)
+    uri = f"s3://{s3_server['bucket']}/multipart/blob.bin"
+    storage.write_bytes(uri, data)
+    etag = dict(storage.list_objects(f"s3://{s3_server['bucket']}/multipart"))[uri]
+    assert etag.strip('"').endswith("-3")  # a multipart ETag: 3 parts of 5 MiB
+    assert storage.read_bytes(uri) == data

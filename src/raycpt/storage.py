@@ -119,12 +119,14 @@ def _split(uri: str) -> tuple[str, str]:
     return parsed.netloc, parsed.path.lstrip("/")
 
 
+MULTIPART_BYTES = 64 * 2**20  # objects above this go up and down in parallel parts of this size
+
+
 def _transfer_config():
     from boto3.s3.transfer import TransferConfig
 
-    # Objects above 64 MiB go up and down in parallel 64 MiB parts (multipart upload).
     return TransferConfig(
-        multipart_threshold=64 * 2**20, multipart_chunksize=64 * 2**20, max_concurrency=8
+        multipart_threshold=MULTIPART_BYTES, multipart_chunksize=MULTIPART_BYTES, max_concurrency=8
     )
 
 
