@@ -23,6 +23,8 @@ CLUSTER_ENV = {
     "TORCH_EXTENSIONS_DIR": os.path.expanduser("~/.cache/raycpt/torch_extensions"),
     "DS_ACCELERATOR": "cpu",
     "TOKENIZERS_PARALLELISM": "false",
+    # test-only plug-ins (tests/augment_plugins.py) must import inside Ray actors too
+    "PYTHONPATH": str(Path(__file__).resolve().parent),
 }
 DASHBOARD_PORT = 8275
 GCS_PORT = 6399
@@ -129,6 +131,9 @@ def ray_cluster(s3_server):
     address = f"127.0.0.1:{GCS_PORT}"
     ray.init(address=address, logging_level="WARNING")
     yield {"address": address, "dashboard": f"http://127.0.0.1:{DASHBOARD_PORT}"}
+    from ray import serve
+
+    serve.shutdown()  # stop Serve's handle threads before the connection goes
     ray.shutdown()
     subprocess.run([ray_cli(), "stop", "--force"], env=env, capture_output=True)
 

@@ -226,3 +226,30 @@ def test_everything_on_s3_prepare_train_resume_export(
         if not loc.endswith((".pt", ".safetensors", ".parquet")):
             blob = storage.read_bytes(loc)
             assert not any(s in blob for s in secrets), loc
+
+
+def test_training_with_augmentation_pool_converges_and_counts(ray_cluster, run_config, tmp_path):
+    lexicon = tmp_path / "lexicon.txt"
+    lexicon.write_text("blood pressure | BP\nheart rate | pulse\nmg | milligrams\n")
+    cfg = run_config(name="aug", train__max_steps=20, checkpoint__every_steps=20)
+    cfg["augment"] = {
+        "enabled": True,
+        "protected_terms": ["aspirin"],
+        "transforms": [
+            {"type": "lexicon", "path": str(lexicon), "rate": 0.5, "p": 0.8},
+            {"type": "noise", "rate": 0.01, "p": 0.5},
+        ],
+        "pool": {"min_actors": 1, "max_actors": 2, "cpus_per_actor": 0.5},
+        "embedding_noise": {"alpha": 5.0, "off_after": 0.8},
+    }
+    launch.run(parse_config(cfg))
+    meta = latest_meta(parse_config(cfg))
+    losses = [h["loss"] for h in meta["history"]]
+    assert losses[-1] < losses[0] - 0.5, losses
+    last = meta["history"][-1]
+    assert (
+        last["augment/lexicon/docs"] > 0
+        and last["augment/lexicon/edits"] >= last["augment/lexicon/docs"]
+    )
+    assert last["augment/noise/edits"] > 0
+    assert 0 <= last["data_wait_frac"] < 1

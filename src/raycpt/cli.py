@@ -65,6 +65,28 @@ def cmd_demo(args) -> None:
     print(f"\neverything is in {work.resolve()} (models: base-model/, cpt-model/; runs: runs/)")
 
 
+def cmd_augment_preview(args) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raycpt import storage
+    from raycpt.augment import preview
+    from raycpt.prepare import load_manifest
+
+    cfg = load_config(args.config)
+    source = next((s for s in cfg.data.sources if s.name == args.source), cfg.data.sources[0])
+    shard = load_manifest(source.path)["splits"][source.split]["shards"][0]
+    table = pq.read_table(
+        pa.BufferReader(storage.read_bytes(storage.join(source.path, shard["path"])))
+    )
+    texts = table.column("text").to_pylist()[: args.n]
+    ids = table.column("id").to_pylist()[: args.n]
+    for i, (before, after, counts) in enumerate(preview(cfg.augment, texts, ids, args.progress)):
+        print(f"=== document {ids[i]} ({source.name}, progress {args.progress}) {dict(counts)}")
+        print("--- before\n" + before[: args.chars])
+        print("+++ after\n" + after[: args.chars] + "\n")
+
+
 def cmd_config_reference(args) -> None:
     from raycpt.config import reference_markdown
 
@@ -108,6 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--base-steps", type=int, default=300)
     s.add_argument("--cpt-steps", type=int, default=150)
     s.set_defaults(fn=cmd_demo)
+    s = sub.add_parser("augment-preview", help="before/after of the configured augmentations")
+    s.add_argument("--config", required=True)
+    s.add_argument("--source", help="source name (default: the first)")
+    s.add_argument("-n", type=int, default=3, help="documents to show")
+    s.add_argument("--progress", type=float, default=1.0, help="point of the run (schedules)")
+    s.add_argument("--chars", type=int, default=800, help="characters shown per document")
+    s.set_defaults(fn=cmd_augment_preview)
+
     s = sub.add_parser("config-reference", help="print the config reference (markdown)")
     s.set_defaults(fn=cmd_config_reference)
     return p

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -232,6 +232,123 @@ class CheckpointConfig(_Section):
     num_to_keep: int | None = Field(2, ge=1, description="Checkpoints kept; null keeps all.")
 
 
+class StrengthPoint(_Section):
+    """One point of a piecewise-linear strength schedule, at a fraction of the run."""
+
+    at: float = Field(ge=0.0, le=1.0)
+    strength: float = Field(ge=0.0)
+
+
+class _TransformBase(_Section):
+    name: str | None = Field(None, description="Name in metrics; defaults to the type.")
+    p: float = Field(0.5, ge=0.0, le=1.0, description="Probability that a document is touched.")
+    schedule: list[StrengthPoint] | None = Field(
+        None, description="Strength over the run (multiplies rates); default constant 1."
+    )
+    off_after: float | None = Field(
+        None, ge=0.0, le=1.0, description="Switch the transform off after this fraction."
+    )
+
+    @property
+    def label(self) -> str:
+        return self.name or self.type  # type: ignore[attr-defined]
+
+
+class LexiconTransform(_TransformBase):
+    """Whole-word, case-preserving substitution from a domain lexicon (synonyms, abbreviations)."""
+
+    type: Literal["lexicon"]
+    path: str = Field(
+        description="Lexicon file: one group of equivalent terms per line, '|'-separated."
+    )
+    rate: float = Field(0.3, ge=0.0, le=1.0, description="Share of matches replaced.")
+
+
+class NoiseTransform(_TransformBase):
+    """Keyboard typos, OCR confusions, casing and whitespace variation at a bounded rate."""
+
+    type: Literal["noise"]
+    rate: float = Field(0.01, ge=0.0, le=0.2, description="Max edited share of characters.")
+    kinds: list[Literal["typo", "ocr", "case", "whitespace"]] = [
+        "typo",
+        "ocr",
+        "case",
+        "whitespace",
+    ]
+
+
+class FormatTransform(_TransformBase):
+    """Numbers, dates and units rewritten in their common alternative forms."""
+
+    type: Literal["format"]
+    rate: float = Field(0.5, ge=0.0, le=1.0, description="Share of matches rewritten.")
+    kinds: list[Literal["numbers", "dates", "units"]] = ["numbers", "dates", "units"]
+
+
+class SentenceTransform(_TransformBase):
+    """Drop or swap independent sentences within a bounded window."""
+
+    type: Literal["sentence"]
+    drop_rate: float = Field(0.05, ge=0.0, le=0.5, description="Share of sentences dropped.")
+    swap_rate: float = Field(0.1, ge=0.0, le=1.0, description="Share of sentences moved.")
+    window: int = Field(2, ge=1, description="Max positions a sentence moves.")
+
+
+class CustomTransform(_TransformBase):
+    """A user's callable ``f(text, rng, strength, **params) -> (text, edits)``."""
+
+    type: Literal["custom"]
+    callable: str = Field(pattern=r"^[\w.]+:[\w]+$", description="module.path:function")
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+TransformConfig = Annotated[
+    LexiconTransform | NoiseTransform | FormatTransform | SentenceTransform | CustomTransform,
+    Field(discriminator="type"),
+]
+
+
+class PoolConfig(_Section):
+    """The autoscaling Ray actor pool (a Ray Serve deployment) that runs the transforms."""
+
+    min_actors: int = Field(1, ge=0)
+    max_actors: int = Field(2, ge=0, description="0 runs the transforms inside each worker.")
+    cpus_per_actor: float = Field(1.0, gt=0.0)
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Extra Ray resources, e.g. {augment: 1} (Helm chart)."
+    )
+    target_ongoing_requests: float = Field(2.0, gt=0.0, description="Per actor, for autoscaling.")
+    batch_docs: int = Field(64, ge=1, description="Documents per request.")
+    downscale_delay_s: float = Field(30.0, ge=0.0)
+    upscale_delay_s: float = Field(2.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> PoolConfig:
+        if self.min_actors > self.max_actors:
+            raise ValueError(f"min_actors {self.min_actors} > max_actors {self.max_actors}")
+        return self
+
+
+class EmbeddingNoiseConfig(_Section):
+    """NEFTune: uniform noise on input embeddings in training steps only, alpha / sqrt(L * d)."""
+
+    alpha: float = Field(0.0, ge=0.0, description="0 disables; NEFTune used 5-15.")
+    schedule: list[StrengthPoint] | None = None
+    off_after: float | None = Field(None, ge=0.0, le=1.0)
+
+
+class AugmentConfig(_Section):
+    """Domain-targeted augmentation between the shard reader and tokenization."""
+
+    enabled: bool = False
+    seed: int = Field(0, description="With doc id and epoch, fixes every augmented text.")
+    protected_terms: list[str] = Field(default_factory=list, description="Never changed.")
+    protected_file: str | None = Field(None, description="One protected term per line.")
+    transforms: list[TransformConfig] = Field(default_factory=list)
+    pool: PoolConfig = PoolConfig()
+    embedding_noise: EmbeddingNoiseConfig = EmbeddingNoiseConfig()
+
+
 class ScalingConfig(_Section):
     """How many Ray Train workers and what each one asks for."""
 
@@ -256,6 +373,7 @@ class CPTConfig(_Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     scaling: ScalingConfig = ScalingConfig()
     storage: StorageConfig = StorageConfig()
+    augment: AugmentConfig = AugmentConfig()
 
     @model_validator(mode="after")
     def _batch_divides(self) -> CPTConfig:
@@ -334,20 +452,29 @@ def _type_name(annotation: Any) -> str:
     return text.replace(" | ", " or ").replace("|", " or ")
 
 
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models inside an annotation (list[...], X | None, Annotated unions)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in get_args(annotation) for m in _models_in(arg)]
+
+
 def reference(model: type[BaseModel] = CPTConfig, prefix: str = "") -> list[str]:
     """Markdown table rows (key | type | default | meaning) for every field, recursively."""
     rows = []
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
         ann = field.annotation
-        nested = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
-        if nested is None:
-            args = [a for a in getattr(ann, "__args__", ()) if isinstance(a, type)]
-            nested = next((a for a in args if issubclass(a, BaseModel)), None)
-        if nested is not None and name != "init":
-            doc = (nested.__doc__ or "").strip().splitlines()[0]
-            rows.append(f"| `{key}` | section | | {doc} |")
-            rows.extend(reference(nested, key + ("[].") if "list" in str(ann) else key + "."))
+        nested = _models_in(ann)
+        if nested:
+            is_list = get_origin(ann) is list
+            for sub in nested:
+                doc = (sub.__doc__ or "").strip().splitlines()[0]
+                tag = sub.model_fields.get("type")
+                label = f"{key}[type={get_args(tag.annotation)[0]}]" if tag else key
+                label += "[]" if is_list and not tag else ""
+                rows.append(f"| `{label}` | section | | {doc} |")
+                rows.extend(reference(sub, label + "."))
             continue
         default = (
             "required"

@@ -13,9 +13,13 @@ import logging
 import queue
 import threading
 import time
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from raycpt.config import DataConfig
 from raycpt.mix import MixSchedule, SlotMixer
@@ -97,17 +101,17 @@ class CPTDataLoader:
         self.mixer = SlotMixer(MixSchedule(cfg.sources), total_steps * layout.global_batch)
         cursors = {n: Cursor.fresh(layout.rank, layout.world) for n in self.names}
         self.step = 0
+        self._aug_restore: list[dict] = [{} for _ in self.names]
         if resume:
             cursors = self._restore(resume)
-        self.streams = [
-            SourceStream(
-                order,
-                UnitReader(src.path, split, order, encode, cfg.read_ahead, transform),
-                cfg.seq_len,
-                cursors[src.name],
-            )
-            for src, order, split in zip(cfg.sources, orders, splits, strict=True)
-        ]
+        self.streams = []
+        for i, (src, order, split) in enumerate(zip(cfg.sources, orders, splits, strict=True)):
+            reader = UnitReader(src.path, split, order, encode, cfg.read_ahead, transform)
+            if transform is not None:
+                reader.progress = self._unit_progress(i, reader, encode)
+            self.streams.append(SourceStream(order, reader, cfg.seq_len, cursors[src.name]))
+        for stream, counts in zip(self.streams, self._aug_restore, strict=True):
+            stream.aug_counts.update(counts)
         if record_documents:  # (doc id, epoch) of every document started, for audits and tests
             for stream in self.streams:
                 stream.consumed = []
@@ -134,9 +138,35 @@ class CPTDataLoader:
                 for s in states
             ]
             out[name] = repartition(old, self.layout.world)[self.layout.rank]
-        if old_world != self.layout.world:
+        if old_world == self.layout.world:
+            self._aug_restore = [
+                states[self.layout.rank].get("augment", {}).get(n, {}) for n in self.names
+            ]
+        else:
             log.info("data re-partitioned from %d to %d workers", old_world, self.layout.world)
+            if self.layout.rank == 0:  # keep the run's totals: all old counters go to rank 0
+                self._aug_restore = [
+                    dict(sum((Counter(s.get("augment", {}).get(n, {})) for s in states), Counter()))
+                    for n in self.names
+                ]
         return out
+
+    def _unit_progress(self, index: int, reader: UnitReader, encode) -> Callable[[int], float]:
+        """Unit id -> fraction of the run at which that unit is expected to be trained on.
+
+        Deterministic (config, manifest and tokenizer only; never timing), so augmentation
+        schedules give the same text after a restart on any number of workers: the source's
+        expected share of the run's tokens, over the tokens of an average unit (measured by
+        tokenizing the first documents of shard 0).
+        """
+        grid = np.linspace(0.0, 1.0, 101)
+        share = float(np.mean([self.mixer.schedule.weights(p)[index] for p in grid]))
+        run_tokens = share * self.mixer.total_slots * self.cfg.seq_len
+        sample = pq.read_table(pa.BufferReader(reader.fetch(0)), columns=["text"])
+        texts = sample.column("text").to_pylist()[:20]
+        chars_per_token = sum(map(len, texts)) / max(1, sum(len(t) for t in encode(texts)))
+        unit_tokens = reader.num_chars / reader.order.num_shards / chars_per_token
+        return lambda j: min(1.0, j * unit_tokens / max(run_tokens, 1.0))
 
     def _state(self) -> dict:
         return {
@@ -148,7 +178,17 @@ class CPTDataLoader:
                 n: s.cursor.to_dict() for n, s in zip(self.names, self.streams, strict=False)
             },
             "tokens_per_source": self.tokens_per_source(),
+            "augment": {
+                n: dict(s.aug_counts) for n, s in zip(self.names, self.streams, strict=True)
+            },
         }
+
+    def augment_counters(self) -> dict[str, int]:
+        """This worker's augmentation counters, summed over sources ({transform}/docs|edits)."""
+        total: Counter = Counter()
+        for s in self.streams:
+            total.update(s.aug_counts)
+        return dict(total)
 
     def tokens_per_source(self) -> dict[str, int]:
         """Tokens consumed so far per source, over all workers."""

@@ -8,6 +8,8 @@ restart re-tokenizes at most one document and reads nothing it skipped.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 
 from raycpt.stream import Cursor, SourceExhausted, Unit, UnitOrder, UnitReader
@@ -25,6 +27,7 @@ class SourceStream:
         self.docs_started = 0
         self.tokens_emitted = 0
         self.consumed: list[tuple[str, int]] | None = None  # (doc id, epoch) when recording
+        self.aug_counts: Counter = Counter()  # augmentation counters of the units started
 
     def _ensure_unit(self) -> Unit:
         c = self.cursor
@@ -37,6 +40,8 @@ class SourceStream:
         if self._unit is None or self._unit.j != j:
             self.reader.prefetch(c.upcoming(self.order, self.reader.read_ahead + 1))
             self._unit = self.reader.get(j)
+            if row == 0 and c.units[0][2] == 0:  # a unit started afresh (not a resumed one)
+                self.aug_counts.update(self._unit.counters)
             self.reader.prefetch(c.upcoming(self.order, self.reader.read_ahead + 1)[1:])
         if row >= len(self._unit.tokens):  # unit finished: move on to the next one
             c.units.pop(0)

@@ -21,7 +21,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -155,10 +155,11 @@ class Unit:
     shard: int
     ids: list[str]
     tokens: list[np.ndarray]
+    counters: dict = field(default_factory=dict)  # augmentation counters of this unit
 
 
-Transform = Callable[[list[str], list[str], int, int], list[str]]
-"""(texts, doc ids, epoch, unit id) -> transformed texts; must be deterministic."""
+Transform = Callable[[list[str], list[str], int, float], tuple[list[str], dict]]
+"""(texts, doc ids, epoch, run progress) -> (transformed texts, counters); deterministic."""
 
 
 class UnitReader:
@@ -172,13 +173,16 @@ class UnitReader:
         encode: Callable[[list[str]], list[np.ndarray]],
         read_ahead: int = 2,
         transform: Transform | None = None,
+        progress: Callable[[int], float] = lambda j: 0.0,
     ):
         self.dataset = dataset
         self.shards = split_manifest["shards"]
+        self.num_chars = split_manifest["num_chars"]
         self.order = order
         self.encode = encode
         self.read_ahead = read_ahead
         self.transform = transform
+        self.progress = progress  # unit id -> fraction of the run, for augmentation schedules
         # Two stages so that downloads overlap decoding: up to read_ahead shard downloads run
         # at once (I/O-bound), while one thread verifies, decodes and tokenizes in order.
         self._io = ThreadPoolExecutor(
@@ -236,6 +240,7 @@ class UnitReader:
         rows = self.order.rows(j)
         ids = table.column("id").take(rows).to_pylist()
         texts = table.column("text").take(rows).to_pylist()
+        counters: dict = {}
         if self.transform is not None:
-            texts = self.transform(texts, ids, epoch, j)
-        return Unit(j=j, epoch=epoch, shard=shard, ids=ids, tokens=self.encode(texts))
+            texts, counters = self.transform(texts, ids, epoch, self.progress(j))
+        return Unit(j, epoch, shard, ids, self.encode(texts), counters)

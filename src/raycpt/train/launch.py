@@ -9,7 +9,8 @@ import ray
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from raycpt import storage
+from raycpt import augment_pool, storage
+from raycpt.augment import Augmenter
 from raycpt.config import CPTConfig
 from raycpt.loader import build_orders
 from raycpt.train.engine import check_compatible, load_tokenizer, model_config
@@ -61,9 +62,16 @@ def preflight(cfg: CPTConfig) -> None:
     """Checks that fail in seconds on the driver rather than inside every worker: the datasets
     exist, and (for a local model) tokenizer and model belong together and fit data.seq_len."""
     build_orders(cfg.data, cfg.seed)
+    if cfg.augment.enabled:
+        Augmenter(cfg.augment)  # unreadable lexicon, bad callable, ... fail here
     model_paths = [p for p in (cfg.model.path, cfg.model.tokenizer_path) if p]
     if not any(storage.is_remote(p) for p in model_paths):
         check_compatible(model_config(cfg.model)[0], load_tokenizer(cfg.model), cfg.data.seq_len)
+
+
+def uses_pool(cfg: CPTConfig) -> bool:
+    aug = cfg.augment
+    return aug.enabled and bool(aug.transforms) and aug.pool.max_actors > 0
 
 
 def build_trainer(cfg: CPTConfig, start_from: str | None = None) -> TorchTrainer:
@@ -73,7 +81,11 @@ def build_trainer(cfg: CPTConfig, start_from: str | None = None) -> TorchTrainer
     resources = {"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker}
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cpt": cfg.model_dump(mode="json"), "start_from": start_from},
+        train_loop_config={
+            "cpt": cfg.model_dump(mode="json"),
+            "start_from": start_from,
+            "augment_app": augment_pool.app_name(cfg.name) if uses_pool(cfg) else None,
+        },
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
@@ -94,7 +106,13 @@ def run(cfg: CPTConfig, start_from: str | None = None) -> ray.train.Result:
     """Train (or resume) the run described by `cfg` and return Ray Train's result."""
     storage.configure(cfg.storage.endpoint_url, cfg.storage.region)
     init_ray()
-    result = build_trainer(cfg, start_from).fit()
+    trainer = build_trainer(cfg, start_from)  # pre-flight checks before any pool starts
+    app = augment_pool.deploy(cfg.augment, cfg.name) if uses_pool(cfg) else None
+    try:
+        result = trainer.fit()
+    finally:
+        if app:
+            augment_pool.shutdown(app)
     log.info("run %s finished: %s", cfg.name, result.metrics)
     return result
 

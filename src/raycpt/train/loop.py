@@ -11,7 +11,9 @@ import ray.train
 import torch
 import torch.distributed as dist
 
+from raycpt import augment_pool
 from raycpt import checkpoint as ckpt
+from raycpt.augment import strength_at
 from raycpt.config import CPTConfig
 from raycpt.loader import CPTDataLoader, DataExhausted, Layout
 from raycpt.prepare import load_manifest
@@ -49,7 +51,7 @@ def _manifest_ids(cfg: CPTConfig) -> dict:
 class Worker:
     """One Ray Train worker's state for a run: engine, data loader and counters."""
 
-    def __init__(self, cfg: CPTConfig, start_from: str | None):
+    def __init__(self, cfg: CPTConfig, start_from: str | None, augment_app: str | None = None):
         import deepspeed
         from transformers.integrations import HfDeepSpeedConfig
 
@@ -83,10 +85,42 @@ class Worker:
             self.engine.gradient_accumulation_steps(),
         )
         self.loader = CPTDataLoader(
-            cfg.data, self.tokenizer, cfg.seed, layout, cfg.horizon_steps, resume=data_states
+            cfg.data,
+            self.tokenizer,
+            cfg.seed,
+            layout,
+            cfg.horizon_steps,
+            resume=data_states,
+            transform=self._transform(augment_app),
         )
+        self._add_embedding_noise(model)
         self.manifests = _manifest_ids(cfg) if self.rank == 0 else {}
         self.loader_state: dict | None = None
+
+    def _transform(self, augment_app: str | None):
+        """The reader's augmentation: the run's actor pool, in-process, or none."""
+        aug = self.cfg.augment
+        if not aug.enabled or not aug.transforms:
+            return None
+        if augment_app:
+            return augment_pool.pool_transform(augment_app, aug.pool.batch_docs)
+        return augment_pool.local_transform(aug)
+
+    def _add_embedding_noise(self, model) -> None:
+        """NEFTune: noise on input embeddings in training forward passes only (never eval)."""
+        noise = self.cfg.augment.embedding_noise
+        if not self.cfg.augment.enabled or noise.alpha <= 0:
+            return
+
+        def hook(module, args, output):
+            if not module.training:
+                return output
+            progress = self.step / self.cfg.horizon_steps
+            strength = strength_at(noise.schedule, noise.off_after, progress)
+            scale = noise.alpha * strength / (output.shape[1] * output.shape[2]) ** 0.5
+            return output + torch.empty_like(output).uniform_(-scale, scale)
+
+        model.get_input_embeddings().register_forward_hook(hook)
 
     def _restore(self, start_from: str | None) -> tuple[int, list[dict] | None]:
         """Resume from the run's latest checkpoint, else from `start_from`, else start fresh."""
@@ -239,6 +273,11 @@ class Worker:
             "data_wait_frac": wait_frac,
             **{f"tokens/{k}": v for k, v in self.loader_state["tokens_per_source"].items()},
         }
+        aug = self.loader.augment_counters()
+        if aug:  # summed over workers
+            keys = sorted(aug)
+            values = self.mean_over_workers([float(aug[k]) for k in keys])
+            metrics.update({f"augment/{k}": round(v * self.world) for k, v in zip(keys, values)})
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
         if self.rank == 0:
@@ -250,4 +289,4 @@ def train_loop_per_worker(config: dict) -> None:
     """Entry point run by every Ray Train worker; ``config`` carries the run config as a dict."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = CPTConfig.model_validate(config["cpt"])
-    Worker(cfg, config.get("start_from")).fit()
+    Worker(cfg, config.get("start_from"), config.get("augment_app")).fit()
