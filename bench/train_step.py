@@ -1,6 +1,6 @@
 """Per-step time of `raycpt train` with 2 CPU workers under ZeRO-2 and ZeRO-3.
 
-    python bench/train_step.py [--steps 60] [--workdir /tmp/raycpt-bench]
+    python bench/train_step.py [--steps 60] [--workdir /tmp/raycpt-bench] [--augment]
 
 Builds the demo's corpora, tokenizer and a small Llama (hidden 128, 4 layers, vocab 2048) from
 scratch, then trains it for --steps steps per stage (seq 128, micro-batch 8, global batch 16) and
@@ -29,10 +29,28 @@ def setup(work: Path) -> tuple[Path, Path, int]:
     return work / "data", work / "tokenizer", len(AutoTokenizer.from_pretrained(work / "tokenizer"))
 
 
-def measure(work: Path, stage: int, steps: int, data: Path, tok: Path, vocab: int) -> dict:
+def augment_config(work: Path) -> dict:
+    """The augmentation benchmark's transforms, every document touched, on a 1-2 actor pool."""
+    lexicon = work / "lexicon.txt"
+    lexicon.write_text("function | func\nargument | arg\ndictionary | dict\nexception | error\n")
+    return {
+        "enabled": True,
+        "pool": {"min_actors": 1, "max_actors": 2, "cpus_per_actor": 0.5},
+        "transforms": [
+            {"type": "lexicon", "path": str(lexicon), "p": 1.0},
+            {"type": "noise", "p": 1.0},
+            {"type": "format", "p": 1.0},
+            {"type": "sentence", "p": 1.0},
+        ],
+    }
+
+
+def measure(
+    work: Path, stage: int, steps: int, data: Path, tok: Path, vocab: int, augment: bool = False
+) -> dict:
     cfg = parse_config(
         {
-            "name": f"zero{stage}",
+            "name": f"zero{stage}{'-aug' if augment else ''}",
             "storage_path": str(work / "runs"),
             "model": {"init": tiny_llama(vocab), "tokenizer": str(tok)},
             "data": {"sources": [{"name": "d", "path": str(data)}], "seq_len": SEQ_LEN},
@@ -46,6 +64,7 @@ def measure(work: Path, stage: int, steps: int, data: Path, tok: Path, vocab: in
             "deepspeed": {"zero_stage": stage},
             "checkpoint": {"every_steps": steps},
             "scaling": {"num_workers": 2},
+            "augment": augment_config(work) if augment else {},
         }
     )
     launch.run(cfg)
@@ -54,6 +73,7 @@ def measure(work: Path, stage: int, steps: int, data: Path, tok: Path, vocab: in
     step_s = [tokens_per_step / h["tokens_per_s"] for h in history]
     return {
         "zero_stage": stage,
+        "augment": augment,
         "median_step_ms": 1000 * statistics.median(step_s),
         "min_step_ms": 1000 * min(step_s),
         "max_step_ms": 1000 * max(step_s),
@@ -66,6 +86,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--workdir", default="/tmp/raycpt-bench")
+    p.add_argument("--augment", action="store_true", help="ZeRO-2 with and without augmentation")
     args = p.parse_args()
     work = Path(args.workdir)
     import shutil
@@ -73,6 +94,10 @@ def main() -> None:
     shutil.rmtree(work / "runs", ignore_errors=True)
     data, tok, vocab = setup(work)
     launch.init_ray()
+    if args.augment:
+        for augment in (False, True):
+            print(json.dumps(measure(work, 2, args.steps, data, tok, vocab, augment)))
+        return
     for stage in (2, 3):
         print(json.dumps(measure(work, stage, args.steps, data, tok, vocab)))
 
