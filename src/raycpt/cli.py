@@ -65,6 +65,12 @@ def cmd_demo(args) -> None:
     print(f"\neverything is in {work.resolve()} (models: base-model/, cpt-model/; runs: runs/)")
 
 
+def cmd_inspect(args) -> None:
+    from raycpt.inspect import describe
+
+    print(json.dumps(describe(args.checkpoint, documents=args.documents), indent=2, default=str))
+
+
 def cmd_augment_preview(args) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -130,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--base-steps", type=int, default=300)
     s.add_argument("--cpt-steps", type=int, default=150)
     s.set_defaults(fn=cmd_demo)
+    s = sub.add_parser("inspect", help="print what a checkpoint records")
+    s.add_argument("checkpoint", help="run folder (its latest) or checkpoint folder")
+    s.add_argument("--documents", action="store_true", help="list the documents trained on")
+    s.set_defaults(fn=cmd_inspect)
+
     s = sub.add_parser("augment-preview", help="before/after of the configured augmentations")
     s.add_argument("--config", required=True)
     s.add_argument("--source", help="source name (default: the first)")

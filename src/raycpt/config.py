@@ -151,6 +151,11 @@ class DataConfig(_Section):
         "repeat", description="A source that runs out starts a new epoch, or the run stops."
     )
     prefetch_batches: int = Field(4, ge=1, description="Micro-batches prepared ahead per worker.")
+    log_documents: bool = Field(
+        False,
+        description="Record (document id, epoch) of every document trained on in checkpoints "
+        "(`raycpt inspect --documents`): an exact audit of what the model saw.",
+    )
 
     @model_validator(mode="after")
     def _names_unique_and_weighted(self) -> DataConfig:
@@ -223,6 +228,16 @@ class DeepSpeedConfig(_Section):
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3")
         return self
+
+
+class FailureConfig(_Section):
+    """What happens when a worker process or node dies."""
+
+    max_failures: int = Field(
+        3,
+        ge=-1,
+        description="Restarts of the worker group from the latest checkpoint (-1: no limit).",
+    )
 
 
 class CheckpointConfig(_Section):
@@ -371,6 +386,7 @@ class CPTConfig(_Section):
     train: TrainConfig
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    failure: FailureConfig = FailureConfig()
     scaling: ScalingConfig = ScalingConfig()
     storage: StorageConfig = StorageConfig()
     augment: AugmentConfig = AugmentConfig()

@@ -15,7 +15,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -55,6 +55,7 @@ class StepData:
 
     micro_batches: list[np.ndarray]
     state: dict
+    docs: list = field(default_factory=list)  # (doc id, epoch) started in this step, if logged
 
 
 class DataExhausted(Exception):
@@ -102,6 +103,7 @@ class CPTDataLoader:
         cursors = {n: Cursor.fresh(layout.rank, layout.world) for n in self.names}
         self.step = 0
         self._aug_restore: list[dict] = [{} for _ in self.names]
+        self._docs_restore: list = []
         if resume:
             cursors = self._restore(resume)
         self.streams = []
@@ -112,9 +114,13 @@ class CPTDataLoader:
             self.streams.append(SourceStream(order, reader, cfg.seq_len, cursors[src.name]))
         for stream, counts in zip(self.streams, self._aug_restore, strict=True):
             stream.aug_counts.update(counts)
-        if record_documents:  # (doc id, epoch) of every document started, for audits and tests
+        self.record = record_documents or cfg.log_documents
+        if self.record:  # (doc id, epoch) of every document started, for audits and tests
             for stream in self.streams:
                 stream.consumed = []
+        # Documents of the steps handed out so far (this worker; all old workers' on worker 0
+        # after a re-partition), kept when data.log_documents is on.
+        self.doc_log: list = list(self._docs_restore) if cfg.log_documents else []
         self.wait_s = 0.0
         self._queue: queue.Queue = queue.Queue(maxsize=cfg.prefetch_batches)
         self._stop = threading.Event()
@@ -139,12 +145,13 @@ class CPTDataLoader:
             ]
             out[name] = repartition(old, self.layout.world)[self.layout.rank]
         if old_world == self.layout.world:
-            self._aug_restore = [
-                states[self.layout.rank].get("augment", {}).get(n, {}) for n in self.names
-            ]
+            own = states[self.layout.rank]
+            self._aug_restore = [own.get("augment", {}).get(n, {}) for n in self.names]
+            self._docs_restore = own.get("docs", [])
         else:
             log.info("data re-partitioned from %d to %d workers", old_world, self.layout.world)
             if self.layout.rank == 0:  # keep the run's totals: all old counters go to rank 0
+                self._docs_restore = [d for st in states for d in st.get("docs", [])]
                 self._aug_restore = [
                     dict(sum((Counter(s.get("augment", {}).get(n, {})) for s in states), Counter()))
                     for n in self.names
@@ -206,7 +213,12 @@ class CPTDataLoader:
                     blocks = [self.streams[sources[i]].next_block() for i in lay.my_slots(m)]
                     micro.append(np.stack(blocks))
                 self.step += 1
-                self._put(StepData(micro, self._state()))
+                docs = []
+                if self.record:
+                    for stream in self.streams:
+                        docs += stream.consumed
+                        stream.consumed = [] if self.cfg.log_documents else stream.consumed
+                self._put(StepData(micro, self._state(), docs if self.cfg.log_documents else []))
         except SourceExhausted as err:
             self._put(DataExhausted(f"source {err.source!r} has no more data"))
         except BaseException as err:  # handed to the training loop, which re-raises it
@@ -227,6 +239,7 @@ class CPTDataLoader:
         self.wait_s += time.perf_counter() - t0
         if isinstance(item, BaseException):
             raise item
+        self.doc_log.extend(item.docs)
         return item
 
     def close(self) -> None:

@@ -97,6 +97,7 @@ def build_trainer(cfg: CPTConfig, start_from: str | None = None) -> TorchTrainer
             storage_path=path,
             storage_filesystem=fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.failure.max_failures),
             worker_runtime_env={"env_vars": worker_env(cfg)},
         ),
     )

@@ -122,6 +122,34 @@ class Worker:
 
         model.get_input_embeddings().register_forward_hook(hook)
 
+    def _load_engine(self, folder: str, old_world: int) -> dict:
+        """Load model, optimizer and scheduler state; with a different worker count, the weights
+        and LR position only (DeepSpeed's ZeRO-1/2 optimizer shards are laid out per
+        data-parallel rank; their universal conversion is not wired in yet)."""
+        if old_world == self.world:
+            _, client = self.engine.load_checkpoint(folder, tag=ckpt.DS_TAG)
+        else:
+            if self.cfg.deepspeed.zero_stage == 3:
+                raise ckpt.CheckpointError(
+                    f"this ZeRO-3 checkpoint was written by {old_world} workers; resuming on "
+                    f"{self.world} is not supported yet: resume with scaling.num_workers: "
+                    f"{old_world}, or export it and start a new run from the export"
+                )
+            _, client = self.engine.load_checkpoint(folder, tag=ckpt.DS_TAG, load_module_only=True)
+            if client is not None:
+                self.scheduler.last_epoch = client["step"] - 1
+                self.scheduler.step()  # the schedule is a function of the step: same LR
+            if self.rank == 0:
+                log.warning(
+                    "worker count changed %d -> %d: weights, LR position and data "
+                    "position restored; Adam moments start afresh",
+                    old_world,
+                    self.world,
+                )
+        if client is None:
+            raise ckpt.CheckpointError(f"DeepSpeed could not load the checkpoint in {folder}")
+        return client
+
     def _restore(self, start_from: str | None) -> tuple[int, list[dict] | None]:
         """Resume from the run's latest checkpoint, else from `start_from`, else start fresh."""
         checkpoint = ray.train.get_checkpoint()
@@ -130,10 +158,8 @@ class Worker:
         ctx = checkpoint.as_directory() if checkpoint else None
         folder = ctx.__enter__() if ctx else ckpt.fetch(start_from)
         try:
-            _, client = self.engine.load_checkpoint(folder, tag=ckpt.DS_TAG)
-            if client is None:
-                raise ckpt.CheckpointError(f"DeepSpeed could not load the checkpoint in {folder}")
             states = ckpt.read_data_states(folder)
+            client = self._load_engine(folder, old_world=len(states))
             if checkpoint is not None:  # same run: carry its history on (a new run starts afresh)
                 meta = ckpt.read_meta(folder)
                 self.history = meta.get("history", [])
@@ -178,6 +204,8 @@ class Worker:
         meta = None
         probe = self.probe_logits() if final else None
         data_state = self.loader_state
+        if self.cfg.data.log_documents:
+            data_state = {**data_state, "docs": self.loader.doc_log}
         if self.rank == 0:
             meta = {
                 "run": self.cfg.name,
