@@ -253,3 +253,42 @@ def test_training_with_augmentation_pool_converges_and_counts(ray_cluster, run_c
     )
     assert last["augment/noise/edits"] > 0
     assert 0 <= last["data_wait_frac"] < 1
+
+
+def test_stages_start_from_the_previous_stage_with_fresh_optimizer(
+    ray_cluster, run_config, domain_dataset, tmp_path
+):
+    from raycpt.config import PrepareConfig
+    from raycpt.prepare import prepare
+    from support import synthetic_docs, write_jsonl
+
+    write_jsonl(tmp_path / "raw" / "g.jsonl", synthetic_docs(200, seed=11))
+    prepare(PrepareConfig(inputs=[str(tmp_path / "raw")], output=str(tmp_path / "general")))
+    cfg = run_config(name="staged", train__log_every=2, checkpoint__every_steps=4)
+    cfg["stages"] = [
+        {"name": "bridge", "max_steps": 6},
+        {
+            "name": "anneal",
+            "max_steps": 4,
+            "lr": 1e-3,
+            "schedule": {"name": "constant"},
+            "sources": [
+                {"name": "domain", "path": str(domain_dataset), "weight": 0.5},
+                {"name": "replay", "path": str(tmp_path / "general"), "weight": 0.5},
+            ],
+        },
+    ]
+    staged = parse_config(cfg)
+    launch.run(staged)
+    bridge, anneal = launch.stage_configs(staged)
+    b, a = latest_meta(bridge), latest_meta(anneal)
+    assert b["stage"] == "bridge" and a["stage"] == "anneal"
+    assert a["started_from"] == ckpt.resolve(launch.run_dir(bridge))
+    assert a["segments"] == [[0, 4]]  # a new run, not a resume of the bridge
+    assert [h["lr"] for h in a["history"]] == [1e-3, 1e-3]  # fresh, constant schedule
+    assert a["tokens_per_source"] == {"domain": 4 * 8 * 64 // 2, "replay": 4 * 8 * 64 // 2}
+    assert a["history"][0]["loss"] < b["history"][0]["loss"] - 0.3  # bridge weights carried
+    before = ckpt.list_checkpoints(launch.run_dir(anneal))
+    launch.run(staged)  # everything done: both stages resume at their end and train no step
+    assert ckpt.list_checkpoints(launch.run_dir(anneal)) == before
+    assert latest_meta(anneal)["segments"] == [[0, 4]]

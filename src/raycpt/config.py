@@ -375,6 +375,19 @@ class ScalingConfig(_Section):
     )
 
 
+class StageConfig(_Section):
+    """One named stage of a multi-stage run; unset fields keep the run's own settings."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    max_steps: int = Field(ge=1, description="Optimizer steps of this stage.")
+    sources: list[SourceConfig] | None = Field(None, description="This stage's data mix.")
+    lr: float | None = Field(None, gt=0.0, description="Peak LR of this stage.")
+    schedule: ScheduleConfig | None = Field(None, description="LR schedule of this stage.")
+    start_from: str | None = Field(
+        None, description="Checkpoint to start from; default: the previous stage's last one."
+    )
+
+
 class CPTConfig(_Section):
     """A whole continued-pretraining run."""
 
@@ -390,6 +403,19 @@ class CPTConfig(_Section):
     scaling: ScalingConfig = ScalingConfig()
     storage: StorageConfig = StorageConfig()
     augment: AugmentConfig = AugmentConfig()
+    stages: list[StageConfig] | None = Field(
+        None,
+        description="Run as a sequence of stages; each starts from the previous stage's final "
+        "weights with fresh optimizer, scheduler and data state (run <name>-<stage>).",
+    )
+    stage: str | None = Field(None, description="Set by the stage runner; recorded in checkpoints.")
+
+    @model_validator(mode="after")
+    def _stage_names_unique(self) -> CPTConfig:
+        names = [s.name for s in self.stages or []]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stage names must be unique, got {names}")
+        return self
 
     @model_validator(mode="after")
     def _batch_divides(self) -> CPTConfig:

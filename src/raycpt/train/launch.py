@@ -10,6 +10,7 @@ import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from raycpt import augment_pool, storage
+from raycpt import checkpoint as ckpt
 from raycpt.augment import Augmenter
 from raycpt.config import CPTConfig
 from raycpt.loader import build_orders
@@ -104,7 +105,10 @@ def build_trainer(cfg: CPTConfig, start_from: str | None = None) -> TorchTrainer
 
 
 def run(cfg: CPTConfig, start_from: str | None = None) -> ray.train.Result:
-    """Train (or resume) the run described by `cfg` and return Ray Train's result."""
+    """Train (or resume) the run described by `cfg` and return Ray Train's result (the last
+    stage's, for a multi-stage run). `start_from` starts a new run from a checkpoint's weights."""
+    if cfg.stages:
+        return run_stages(cfg)[-1]
     storage.configure(cfg.storage.endpoint_url, cfg.storage.region)
     init_ray()
     trainer = build_trainer(cfg, start_from)  # pre-flight checks before any pool starts
@@ -116,6 +120,46 @@ def run(cfg: CPTConfig, start_from: str | None = None) -> ray.train.Result:
             augment_pool.shutdown(app)
     log.info("run %s finished: %s", cfg.name, result.metrics)
     return result
+
+
+def stage_configs(cfg: CPTConfig) -> list[CPTConfig]:
+    """The run config of every stage: the run's settings with the stage's overrides."""
+    out = []
+    for stage in cfg.stages or []:
+        data = cfg.data.model_copy(update={"sources": stage.sources or cfg.data.sources})
+        train = cfg.train.model_copy(
+            update={
+                "max_steps": stage.max_steps,
+                "lr": stage.lr or cfg.train.lr,
+                "schedule": stage.schedule or cfg.train.schedule,
+            }
+        )
+        # re-validated as a whole, so a stage cannot produce an invalid run
+        out.append(
+            CPTConfig.model_validate(
+                {
+                    **cfg.model_dump(mode="json"),
+                    "name": f"{cfg.name}-{stage.name}",
+                    "stages": None,
+                    "stage": stage.name,
+                    "data": data.model_dump(mode="json"),
+                    "train": train.model_dump(mode="json"),
+                }
+            )
+        )
+    return out
+
+
+def run_stages(cfg: CPTConfig) -> list[ray.train.Result]:
+    """Run the stages in order. A stage that already has checkpoints resumes (an interrupted
+    stage); a new one starts from the previous stage's final checkpoint, weights only."""
+    results, previous = [], None
+    for stage, stage_cfg in zip(cfg.stages or [], stage_configs(cfg), strict=True):
+        start = stage.start_from or (ckpt.resolve(run_dir(previous)) if previous else None)
+        log.info("stage %s: run %s, starting from %s", stage.name, stage_cfg.name, start)
+        results.append(run(stage_cfg, start_from=start))
+        previous = stage_cfg
+    return results
 
 
 def run_dir(cfg: CPTConfig) -> str:

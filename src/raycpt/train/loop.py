@@ -76,6 +76,7 @@ class Worker:
         )
         self.history: list[dict] = []  # every reported metrics window, kept in checkpoints
         self.segments: list[list[int]] = []  # [first step, last step] of each attempt
+        self.started_from: str | None = None  # the checkpoint a new run / stage started from
         self.step, data_states = self._restore(start_from)
         self.segments.append([self.step, self.step])
         layout = Layout(
@@ -122,11 +123,13 @@ class Worker:
 
         model.get_input_embeddings().register_forward_hook(hook)
 
-    def _load_engine(self, folder: str, old_world: int) -> dict:
+    def _load_engine(self, folder: str, old_world: int, weights_only: bool = False) -> dict:
         """Load model, optimizer and scheduler state; with a different worker count, the weights
         and LR position only (DeepSpeed's ZeRO-1/2 optimizer shards are laid out per
         data-parallel rank; their universal conversion is not wired in yet)."""
-        if old_world == self.world:
+        if old_world == self.world and weights_only:
+            _, client = self.engine.load_checkpoint(folder, tag=ckpt.DS_TAG, load_module_only=True)
+        elif old_world == self.world:
             _, client = self.engine.load_checkpoint(folder, tag=ckpt.DS_TAG)
         else:
             if self.cfg.deepspeed.zero_stage == 3:
@@ -136,10 +139,10 @@ class Worker:
                     f"{old_world}, or export it and start a new run from the export"
                 )
             _, client = self.engine.load_checkpoint(folder, tag=ckpt.DS_TAG, load_module_only=True)
-            if client is not None:
+            if client is not None and not weights_only:
                 self.scheduler.last_epoch = client["step"] - 1
                 self.scheduler.step()  # the schedule is a function of the step: same LR
-            if self.rank == 0:
+            if self.rank == 0 and not weights_only:
                 log.warning(
                     "worker count changed %d -> %d: weights, LR position and data "
                     "position restored; Adam moments start afresh",
@@ -159,16 +162,24 @@ class Worker:
         folder = ctx.__enter__() if ctx else ckpt.fetch(start_from)
         try:
             states = ckpt.read_data_states(folder)
+            if checkpoint is None:
+                # A new run (or stage) from another run's checkpoint: its weights only, with a
+                # fresh optimizer, schedule and data position.
+                self._load_engine(folder, old_world=len(states), weights_only=True)
+                self.started_from = start_from
+                if self.rank == 0:
+                    log.info("starting from the weights of %s", start_from)
+                return 0, None
             client = self._load_engine(folder, old_world=len(states))
-            if checkpoint is not None:  # same run: carry its history on (a new run starts afresh)
-                meta = ckpt.read_meta(folder)
-                self.history = meta.get("history", [])
-                self.segments = meta.get("segments", [])
+            meta = ckpt.read_meta(folder)
+            self.history = meta.get("history", [])
+            self.segments = meta.get("segments", [])
+            self.started_from = meta.get("started_from")
         finally:
             if ctx:
                 ctx.__exit__(None, None, None)
         if self.rank == 0:
-            log.info("resumed at step %d from %s", client["step"], checkpoint or start_from)
+            log.info("resumed at step %d from %s", client["step"], checkpoint)
         return client["step"], states
 
     def train_step(self, micro_batches: list[np.ndarray]) -> float:
@@ -217,6 +228,9 @@ class Worker:
                 "zero_stage": self.cfg.deepspeed.zero_stage,
                 "manifests": self.manifests,
                 "tokens_per_source": data_state["tokens_per_source"],
+                "stage": self.cfg.stage,
+                "started_from": self.started_from,
+                "augment": self.loader.augment_counters(),
                 "history": self.history,
                 "segments": self.segments,
             }
