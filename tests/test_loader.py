@@ -10,8 +10,8 @@ import threading
 import time
 from collections import Counter
 
-import pytest
 import pyarrow.parquet as pq
+import pytest
 
 from raycpt import checkpoint as ckpt
 from raycpt.cli import main

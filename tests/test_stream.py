@@ -1,6 +1,7 @@
 """The data plane without Ray: global order, exact resume, re-partitioning, shard verification,
 and token shares of the mixer."""
 
+import json
 from collections import Counter
 
 import numpy as np
@@ -184,3 +185,116 @@ def test_mixer_schedule_moves_shares_and_resumes_exactly():
     b = SlotMixer(MixSchedule(sources), 1000)
     b.load_state_dict(a.state_dict())
     assert a.take(200) == b.take(200)
+
+
+def prepared(tmp_path, docs: list[dict], **cfg):
+    import json
+
+    from raycpt.config import PrepareConfig
+    from raycpt.prepare import prepare
+
+    raw = tmp_path / "raw" / "d.jsonl"
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    raw.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    out = tmp_path / "prepared"
+    prepare(PrepareConfig(inputs=[str(raw.parent)], output=str(out), min_shards=8, **cfg))
+    return out
+
+
+def drain_ids(ld):
+    try:
+        while True:
+            ld.next_step()
+    except DataExhausted:
+        pass
+    ld.close()
+    return [i for s in ld.streams for i, _ in s.consumed]
+
+
+def test_curriculum_goes_from_easy_to_hard_with_bounded_randomness(tmp_path, tok):
+    from support import synthetic_docs
+
+    docs = [{"text": t} for t in synthetic_docs(240, seed=8, min_words=10, max_words=200)]
+    out = prepared(tmp_path, docs, difficulty="length")
+    import pyarrow.parquet as pq
+
+    shards = sorted((out / "train").glob("*.parquet"))
+    spans = [
+        (min(t["n_chars"].to_pylist()), max(t["n_chars"].to_pylist()))
+        for t in map(pq.read_table, shards)
+    ]
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # shards easiest first
+    length = {r["id"]: r["n_chars"] for f in shards for r in pq.read_table(f).to_pylist()}
+
+    def order(randomness):
+        cfg = data_cfg(
+            out, on_exhausted="stop", curriculum={"enabled": True, "randomness": randomness}
+        )
+        ld = CPTDataLoader(cfg, tok, 7, Layout(0, 1, 2, 1), 1000, record_documents=True)
+        return [length[i] for i in drain_ids(ld)]
+
+    strict = order(0.0)
+    assert strict == sorted(strict) and len(strict) > 200
+    noisy = order(0.3)
+    assert noisy != sorted(noisy)
+    ranks = np.argsort(np.argsort(noisy))
+    assert np.corrcoef(ranks, np.arange(len(noisy)))[0, 1] > 0.7  # still easy -> hard
+
+    with pytest.raises(Exception, match="prepared without a difficulty score"):
+        CPTDataLoader(
+            data_cfg(domain_dataset_path(tmp_path, tok), curriculum={"enabled": True}),
+            tok,
+            7,
+            Layout(0, 1, 2, 1),
+            10,
+        )
+
+
+def domain_dataset_path(tmp_path, tok):
+    from support import synthetic_docs
+
+    return prepared(tmp_path / "plain", [{"text": t} for t in synthetic_docs(40)])
+
+
+def test_rarity_scores_rare_vocabulary_as_harder(tmp_path):
+    import pyarrow.parquet as pq
+
+    common = [{"text": "the patient was given the dose and the nurse recorded it " * 3}] * 1
+    docs = (
+        [
+            {"text": f"the patient was given the dose number {i} and the nurse recorded it"}
+            for i in range(60)
+        ]
+        + [{"text": "pheochromocytoma paraganglioma catecholamine metanephrine adrenalectomy"}]
+        + common
+    )
+    out = prepared(tmp_path, docs, difficulty="rarity")
+    rows = [
+        r for f in sorted((out / "train").glob("*.parquet")) for r in pq.read_table(f).to_pylist()
+    ]
+    assert rows[-1]["text"].startswith("pheochromocytoma")  # the hardest comes last
+    assert [r["difficulty"] for r in rows] == sorted(r["difficulty"] for r in rows)
+
+
+def test_group_weights_up_and_down_weight_sub_populations(tmp_path, tok):
+    from support import synthetic_docs
+
+    texts = synthetic_docs(300, seed=12)
+    docs = [{"text": t, "unit": "rare" if i % 10 == 0 else "common"} for i, t in enumerate(texts)]
+    out = prepared(tmp_path, docs, group_field="unit")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["groups"] == {"common": 270, "rare": 30}
+    cfg = DataConfig(
+        sources=[SourceConfig(name="d", path=str(out), group_weights={"rare": 3.0, "common": 0.5})],
+        seq_len=32,
+        on_exhausted="stop",
+    )
+    ld = CPTDataLoader(cfg, tok, 7, Layout(0, 1, 2, 1), 10_000, record_documents=True)
+    ids = drain_ids(ld)
+    rare_ids = {d for d in ids if "#" in d}
+    assert len(rare_ids) > 40  # copies of the rare group (2 extra copies of each)
+    base = [i.split("#")[0] for i in ids]
+    counts = ld.counters()
+    assert counts["group/rare/docs"] == 90  # 30 documents x 3
+    assert 100 < counts["group/common/docs"] < 170  # ~ 270 x 0.5
+    assert len(set(base)) < 300  # about half of the common group left out this epoch

@@ -258,9 +258,10 @@ def test_training_with_augmentation_pool_converges_and_counts(ray_cluster, run_c
 def test_stages_start_from_the_previous_stage_with_fresh_optimizer(
     ray_cluster, run_config, domain_dataset, tmp_path
 ):
+    from support import synthetic_docs, write_jsonl
+
     from raycpt.config import PrepareConfig
     from raycpt.prepare import prepare
-    from support import synthetic_docs, write_jsonl
 
     write_jsonl(tmp_path / "raw" / "g.jsonl", synthetic_docs(200, seed=11))
     prepare(PrepareConfig(inputs=[str(tmp_path / "raw")], output=str(tmp_path / "general")))

@@ -67,6 +67,21 @@ class PrepareConfig(_Section):
         "skip", description="What to do with input that is not valid UTF-8."
     )
     storage: StorageConfig = StorageConfig()
+    difficulty: Literal["none", "length", "rarity", "field"] = Field(
+        "none",
+        description="Curriculum score per document (rarity: mean surprisal of its words in the "
+        "corpus); shards are then written from easiest to hardest.",
+    )
+    difficulty_field: str | None = Field(None, description="JSON key / column for 'field'.")
+    group_field: str | None = Field(
+        None, description="JSON key / column kept as the document's sub-population (group)."
+    )
+
+    @model_validator(mode="after")
+    def _field_given(self) -> PrepareConfig:
+        if self.difficulty == "field" and not self.difficulty_field:
+            raise ValueError("difficulty: field needs difficulty_field")
+        return self
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,6 +145,11 @@ class SourceConfig(_Section):
     schedule: list[WeightPoint] | None = Field(
         None, description="Piecewise-linear weight over the run; overrides `weight`."
     )
+    group_weights: dict[str, Annotated[float, Field(ge=0.0)]] = Field(
+        default_factory=dict,
+        description="Up/down-weight documents by their group (prepare's group_field): each is "
+        "seen w times on average per epoch (e.g. {rare_subdomain: 3.0, boilerplate: 0.5}).",
+    )
 
     @model_validator(mode="after")
     def _schedule_sorted(self) -> SourceConfig:
@@ -138,6 +158,15 @@ class SourceConfig(_Section):
             if ats != sorted(ats):
                 raise ValueError(f"schedule points must be sorted by `at`, got {ats}")
         return self
+
+
+class CurriculumConfig(_Section):
+    """Train from easier to harder documents (needs a dataset prepared with `difficulty`)."""
+
+    enabled: bool = False
+    randomness: float = Field(
+        0.1, ge=0.0, le=1.0, description="0 = strictly by difficulty, 1 = as good as shuffled."
+    )
 
 
 class DataConfig(_Section):
@@ -151,6 +180,7 @@ class DataConfig(_Section):
         "repeat", description="A source that runs out starts a new epoch, or the run stops."
     )
     prefetch_batches: int = Field(4, ge=1, description="Micro-batches prepared ahead per worker.")
+    curriculum: CurriculumConfig = CurriculumConfig()
     log_documents: bool = Field(
         False,
         description="Record (document id, epoch) of every document trained on in checkpoints "

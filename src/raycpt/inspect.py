@@ -14,10 +14,10 @@ def describe(location: str, documents: bool = False) -> dict:
     folder = ckpt.fetch(resolved)
     meta = ckpt.read_meta(folder)
     states = ckpt.read_data_states(folder)
-    augment: Counter = Counter()
+    counters: Counter = Counter()
     for st in states:
-        for counts in st.get("augment", {}).values():
-            augment.update(counts)
+        for counts in st.get("counters", {}).values():
+            counters.update(counts)
     out = {
         "checkpoint": resolved,
         "run": meta.get("run"),
@@ -31,7 +31,7 @@ def describe(location: str, documents: bool = False) -> dict:
         "segments": meta.get("segments"),
         "manifests": meta.get("manifests"),
         "tokens_per_source": meta.get("tokens_per_source"),
-        "augment": dict(sorted(augment.items())),
+        "counters": dict(sorted(counters.items())),
         "data_position": {
             f"rank{st['rank']}": {
                 src: {"next_units": c["units"][:2], "tail": c["next_j"]}

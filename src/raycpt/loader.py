@@ -75,7 +75,15 @@ def build_orders(cfg: DataConfig, seed: int) -> tuple[list[UnitOrder], list[dict
             )
         rows = tuple(s["num_docs"] for s in split["shards"])
         epochs = 1 if cfg.on_exhausted == "stop" else None
-        orders.append(UnitOrder(src.name, rows, seed, cfg.shuffle, epochs))
+        curriculum = None
+        if cfg.curriculum.enabled:
+            if manifest.get("difficulty", "none") == "none":
+                raise PrepareError(
+                    f"data.curriculum.enabled: source {src.name!r} ({src.path}) was prepared "
+                    "without a difficulty score; run prepare with difficulty: length|rarity|field"
+                )
+            curriculum = cfg.curriculum.randomness
+        orders.append(UnitOrder(src.name, rows, seed, cfg.shuffle, epochs, curriculum))
         splits.append(split)
     return orders, splits
 
@@ -102,18 +110,26 @@ class CPTDataLoader:
         self.mixer = SlotMixer(MixSchedule(cfg.sources), total_steps * layout.global_batch)
         cursors = {n: Cursor.fresh(layout.rank, layout.world) for n in self.names}
         self.step = 0
-        self._aug_restore: list[dict] = [{} for _ in self.names]
+        self._counts_restore: list[dict] = [{} for _ in self.names]
         self._docs_restore: list = []
         if resume:
             cursors = self._restore(resume)
         self.streams = []
         for i, (src, order, split) in enumerate(zip(cfg.sources, orders, splits, strict=True)):
-            reader = UnitReader(src.path, split, order, encode, cfg.read_ahead, transform)
+            reader = UnitReader(
+                src.path,
+                split,
+                order,
+                encode,
+                cfg.read_ahead,
+                transform,
+                group_weights=src.group_weights,
+            )
             if transform is not None:
                 reader.progress = self._unit_progress(i, reader, encode)
             self.streams.append(SourceStream(order, reader, cfg.seq_len, cursors[src.name]))
-        for stream, counts in zip(self.streams, self._aug_restore, strict=True):
-            stream.aug_counts.update(counts)
+        for stream, counts in zip(self.streams, self._counts_restore, strict=True):
+            stream.counts.update(counts)
         self.record = record_documents or cfg.log_documents
         if self.record:  # (doc id, epoch) of every document started, for audits and tests
             for stream in self.streams:
@@ -146,14 +162,16 @@ class CPTDataLoader:
             out[name] = repartition(old, self.layout.world)[self.layout.rank]
         if old_world == self.layout.world:
             own = states[self.layout.rank]
-            self._aug_restore = [own.get("augment", {}).get(n, {}) for n in self.names]
+            self._counts_restore = [own.get("counters", {}).get(n, {}) for n in self.names]
             self._docs_restore = own.get("docs", [])
         else:
             log.info("data re-partitioned from %d to %d workers", old_world, self.layout.world)
             if self.layout.rank == 0:  # keep the run's totals: all old counters go to rank 0
                 self._docs_restore = [d for st in states for d in st.get("docs", [])]
-                self._aug_restore = [
-                    dict(sum((Counter(s.get("augment", {}).get(n, {})) for s in states), Counter()))
+                self._counts_restore = [
+                    dict(
+                        sum((Counter(s.get("counters", {}).get(n, {})) for s in states), Counter())
+                    )
                     for n in self.names
                 ]
         return out
@@ -185,16 +203,15 @@ class CPTDataLoader:
                 n: s.cursor.to_dict() for n, s in zip(self.names, self.streams, strict=False)
             },
             "tokens_per_source": self.tokens_per_source(),
-            "augment": {
-                n: dict(s.aug_counts) for n, s in zip(self.names, self.streams, strict=True)
-            },
+            "counters": {n: dict(s.counts) for n, s in zip(self.names, self.streams, strict=True)},
         }
 
-    def augment_counters(self) -> dict[str, int]:
-        """This worker's augmentation counters, summed over sources ({transform}/docs|edits)."""
+    def counters(self) -> dict[str, int]:
+        """This worker's data counters summed over sources: augment/<transform>/docs|edits and
+        group/<group>/docs (documents served per sub-population after weighting)."""
         total: Counter = Counter()
         for s in self.streams:
-            total.update(s.aug_counts)
+            total.update(s.counts)
         return dict(total)
 
     def tokens_per_source(self) -> dict[str, int]:

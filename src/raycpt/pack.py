@@ -27,7 +27,7 @@ class SourceStream:
         self.docs_started = 0
         self.tokens_emitted = 0
         self.consumed: list[tuple[str, int]] | None = None  # (doc id, epoch) when recording
-        self.aug_counts: Counter = Counter()  # augmentation counters of the units started
+        self.counts: Counter = Counter()  # data counters (augment/, group/) of units started
 
     def _ensure_unit(self) -> Unit:
         c = self.cursor
@@ -41,7 +41,7 @@ class SourceStream:
             self.reader.prefetch(c.upcoming(self.order, self.reader.read_ahead + 1))
             self._unit = self.reader.get(j)
             if row == 0 and c.units[0][2] == 0:  # a unit started afresh (not a resumed one)
-                self.aug_counts.update(self._unit.counters)
+                self.counts.update(self._unit.counters)
             self.reader.prefetch(c.upcoming(self.order, self.reader.read_ahead + 1)[1:])
         if row >= len(self._unit.tokens):  # unit finished: move on to the next one
             c.units.pop(0)

@@ -42,6 +42,8 @@ SHARD_SCHEMA = pa.schema(
         ("text", pa.string()),
         ("source", pa.string()),
         ("n_chars", pa.int32()),
+        ("difficulty", pa.float32()),  # null unless prepared with a difficulty
+        ("group", pa.string()),  # null unless prepared with a group_field
     ]
 )
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -88,12 +90,16 @@ def _decode(raw: bytes, where: str, cfg: PrepareConfig, stats: Stats) -> str | N
         return None
 
 
-def read_documents(uri: str, cfg: PrepareConfig, stats: Stats) -> Iterator[tuple[str, str]]:
-    """Yield (raw text, provenance) for every document in one input file."""
+def _extra_fields(cfg: PrepareConfig) -> list[str]:
+    return [f for f in (cfg.difficulty_field, cfg.group_field) if f]
+
+
+def read_documents(uri: str, cfg: PrepareConfig, stats: Stats) -> Iterator[tuple[str, str, dict]]:
+    """Yield (raw text, provenance, extra fields) for every document in one input file."""
     if uri.endswith(".txt"):
         text = _decode(storage.read_bytes(uri), uri, cfg, stats)
         if text is not None:
-            yield text, uri
+            yield text, uri, {}
     elif uri.endswith(".jsonl"):
         for n, line in enumerate(storage.read_bytes(uri).split(b"\n"), start=1):
             if not line.strip():
@@ -109,7 +115,7 @@ def read_documents(uri: str, cfg: PrepareConfig, stats: Stats) -> Iterator[tuple
             text = record.get(cfg.text_field) if isinstance(record, dict) else None
             if not isinstance(text, str):
                 raise PrepareError(f"{where}: no string field {cfg.text_field!r}; set text_field")
-            yield text, where
+            yield text, where, {f: record.get(f) for f in _extra_fields(cfg)}
     elif uri.endswith(".parquet"):
         table = pq.read_table(pa.BufferReader(storage.read_bytes(uri)))
         if cfg.text_field not in table.column_names:
@@ -117,9 +123,50 @@ def read_documents(uri: str, cfg: PrepareConfig, stats: Stats) -> Iterator[tuple
                 f"{uri}: no column {cfg.text_field!r} (columns: {table.column_names}); "
                 "set text_field"
             )
+        extra = {
+            f: table.column(f).to_pylist() for f in _extra_fields(cfg) if f in table.column_names
+        }
         for n, text in enumerate(table.column(cfg.text_field).to_pylist()):
             if text is not None:
-                yield text, f"{uri}#{n}"
+                yield text, f"{uri}#{n}", {f: v[n] for f, v in extra.items()}
+
+
+def _field_score(extra: dict, cfg: PrepareConfig, where: str) -> float:
+    value = extra.get(cfg.difficulty_field)
+    if not isinstance(value, int | float):
+        raise PrepareError(
+            f"{where}: difficulty_field {cfg.difficulty_field!r} is not a number (got {value!r})"
+        )
+    return float(value)
+
+
+_WORD = re.compile(r"\w+")
+
+
+def score_and_sort(splits: dict[str, list[dict]], method: str) -> None:
+    """Give every document a difficulty and order each split from easiest to hardest.
+
+    length: characters; rarity: the mean surprisal -log p(word) of its words under the word
+    frequencies of the whole corpus (rare vocabulary reads as harder); field: a user's column.
+    Ties break by id, so the order (and the shards' hashes) are reproducible.
+    """
+    if method == "rarity":
+        counts = Counter(
+            w.lower() for docs in splits.values() for d in docs for w in _WORD.findall(d["text"])
+        )
+        total = sum(counts.values())
+        for docs in splits.values():
+            for d in docs:
+                words = [w.lower() for w in _WORD.findall(d["text"])]
+                d["difficulty"] = (
+                    sum(math.log(total / counts[w]) for w in words) / len(words) if words else 0.0
+                )
+    elif method == "length":
+        for docs in splits.values():
+            for d in docs:
+                d["difficulty"] = float(d["n_chars"])
+    for docs in splits.values():
+        docs.sort(key=lambda d: (d["difficulty"], d["id"]))
 
 
 def _in_heldout(did: str, cfg: PrepareConfig) -> bool:
@@ -141,7 +188,7 @@ def collect(cfg: PrepareConfig) -> tuple[dict[str, list[dict]], Stats]:
     seen: set[str] = set()
     splits: dict[str, list[dict]] = {"train": [], "heldout": []}
     for uri in tqdm(files, desc="prepare", unit="file", disable=len(files) < 20):
-        for raw, where in read_documents(uri, cfg, stats):
+        for raw, where, extra in read_documents(uri, cfg, stats):
             stats.documents_in += 1
             text = clean_text(raw, cfg.normalization)
             if not text:
@@ -157,7 +204,21 @@ def collect(cfg: PrepareConfig) -> tuple[dict[str, list[dict]], Stats]:
                     continue
                 seen.add(did)
             split = "heldout" if _in_heldout(did, cfg) else "train"
-            splits[split].append({"id": did, "text": text, "source": where, "n_chars": len(text)})
+            group = extra.get(cfg.group_field) if cfg.group_field else None
+            splits[split].append(
+                {
+                    "id": did,
+                    "text": text,
+                    "source": where,
+                    "n_chars": len(text),
+                    "difficulty": _field_score(extra, cfg, where)
+                    if cfg.difficulty == "field"
+                    else None,
+                    "group": None if group is None else str(group),
+                }
+            )
+    if cfg.difficulty != "none":
+        score_and_sort(splits, cfg.difficulty)
     if not splits["train"]:
         raise PrepareError(
             f"no documents left to train on: read {stats.documents_in} from {stats.files} files, "
@@ -208,14 +269,17 @@ def prepare(cfg: PrepareConfig) -> dict:
         "files_read": stats.files,
         "documents_in": stats.documents_in,
         "dropped": dict(sorted(stats.dropped.items())),
+        "difficulty": cfg.difficulty,
         "splits": {},
     }
     for split, docs in splits.items():
         if not docs:
             continue
         shards = write_split(cfg, split, docs)
+        groups = Counter(d["group"] for d in docs if d["group"] is not None)
         manifest["splits"][split] = {
             "num_docs": len(docs),
+            "groups": dict(sorted(groups.items())),
             "num_chars": sum(s["num_chars"] for s in shards),
             "shards": shards,
         }

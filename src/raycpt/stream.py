@@ -61,6 +61,17 @@ class UnitOrder:
     seed: int
     shuffle: bool = True
     num_epochs: int | None = None
+    curriculum: float | None = None  # randomness of an easy-to-hard order, or None
+
+    def _permutation(self, n: int, *key: object) -> np.ndarray:
+        rng = _seeded_rng(self.seed, self.name, *key)
+        if self.curriculum is not None:
+            # shards and rows were written easiest first: keep that order, perturbed by up
+            # to `curriculum` x n positions
+            return np.argsort(np.arange(n) + rng.uniform(0, self.curriculum * n, n), kind="stable")
+        if not self.shuffle:
+            return np.arange(n)
+        return rng.permutation(n)
 
     @property
     def num_shards(self) -> int:
@@ -72,18 +83,12 @@ class UnitOrder:
     def unit(self, j: int) -> tuple[int, int]:
         """Return (epoch, shard index) of unit ``j``."""
         epoch, k = divmod(j, self.num_shards)
-        if not self.shuffle:
-            return epoch, k
-        perm = _seeded_rng(self.seed, self.name, "shards", epoch).permutation(self.num_shards)
-        return epoch, int(perm[k])
+        return epoch, int(self._permutation(self.num_shards, "shards", epoch)[k])
 
     def rows(self, j: int) -> np.ndarray:
         """Row indices of unit ``j``'s shard in the order they are trained on."""
         epoch, shard = self.unit(j)
-        n = self.shard_rows[shard]
-        if not self.shuffle:
-            return np.arange(n)
-        return _seeded_rng(self.seed, self.name, "rows", epoch, shard).permutation(n)
+        return self._permutation(self.shard_rows[shard], "rows", epoch, shard)
 
 
 @dataclass
@@ -174,6 +179,7 @@ class UnitReader:
         read_ahead: int = 2,
         transform: Transform | None = None,
         progress: Callable[[int], float] = lambda j: 0.0,
+        group_weights: dict[str, float] | None = None,
     ):
         self.dataset = dataset
         self.shards = split_manifest["shards"]
@@ -183,6 +189,7 @@ class UnitReader:
         self.read_ahead = read_ahead
         self.transform = transform
         self.progress = progress  # unit id -> fraction of the run, for augmentation schedules
+        self.group_weights = group_weights or {}
         # Two stages so that downloads overlap decoding: up to read_ahead shard downloads run
         # at once (I/O-bound), while one thread verifies, decodes and tokenizes in order.
         self._io = ThreadPoolExecutor(
@@ -233,14 +240,34 @@ class UnitReader:
         self.bytes_read += len(data)
         return data
 
+    def _weigh_groups(self, table: pa.Table, rows: np.ndarray, ids: list[str], epoch: int):
+        """Repeat or drop documents by their group's weight w: floor(w) copies plus one more
+        with probability frac(w), drawn per (seed, document, epoch). Copies after the first get
+        ids '<id>#<k>' (so augmentation varies them); they stay next to each other."""
+        groups = table.column("group").take(rows).to_pylist()
+        keep_rows, keep_ids, counts = [], [], {}
+        for row, did, group in zip(rows.tolist(), ids, groups, strict=True):
+            w = self.group_weights.get(group, 1.0) if group is not None else 1.0
+            u = _seeded_rng(self.order.seed, self.order.name, "group", epoch, did).random()
+            copies = int(w) + (u < w - int(w))
+            keep_rows += [row] * copies
+            keep_ids += [did if k == 0 else f"{did}#{k}" for k in range(copies)]
+            key = f"group/{group}/docs"
+            counts[key] = counts.get(key, 0) + copies
+        return np.asarray(keep_rows, dtype=np.int64), keep_ids, counts
+
     def _load(self, j: int, data: Future | None = None) -> Unit:
         epoch, shard = self.order.unit(j)
         raw = data.result() if data is not None else self.fetch(shard)
-        table = pq.read_table(pa.BufferReader(raw), columns=["id", "text"])
+        columns = ["id", "text"] + (["group"] if self.group_weights else [])
+        table = pq.read_table(pa.BufferReader(raw), columns=columns)
         rows = self.order.rows(j)
         ids = table.column("id").take(rows).to_pylist()
-        texts = table.column("text").take(rows).to_pylist()
         counters: dict = {}
+        if self.group_weights:
+            rows, ids, counters = self._weigh_groups(table, rows, ids, epoch)
+        texts = table.column("text").take(rows).to_pylist()
         if self.transform is not None:
-            texts, counters = self.transform(texts, ids, epoch, self.progress(j))
+            texts, counts = self.transform(texts, ids, epoch, self.progress(j))
+            counters.update({f"augment/{k}": v for k, v in counts.items()})
         return Unit(j, epoch, shard, ids, self.encode(texts), counters)

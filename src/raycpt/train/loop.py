@@ -230,7 +230,7 @@ class Worker:
                 "tokens_per_source": data_state["tokens_per_source"],
                 "stage": self.cfg.stage,
                 "started_from": self.started_from,
-                "augment": self.loader.augment_counters(),
+                "counters": self.loader.counters(),
                 "history": self.history,
                 "segments": self.segments,
             }
@@ -315,11 +315,11 @@ class Worker:
             "data_wait_frac": wait_frac,
             **{f"tokens/{k}": v for k, v in self.loader_state["tokens_per_source"].items()},
         }
-        aug = self.loader.augment_counters()
+        aug = self.loader.counters()
         if aug:  # summed over workers
             keys = sorted(aug)
             values = self.mean_over_workers([float(aug[k]) for k in keys])
-            metrics.update({f"augment/{k}": round(v * self.world) for k, v in zip(keys, values)})
+            metrics.update({k: round(v * self.world) for k, v in zip(keys, values)})
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
         if self.rank == 0:
