@@ -15,6 +15,9 @@ import pytest
 from support import synthetic_docs, tiny_llama_fields, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
+# Ray Serve's handle threads call Ray after the session's cluster is gone; without this they
+# would quietly start a fresh local Ray at interpreter exit. Tests always connect explicitly.
+os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"
 
 # Set before the cluster starts: Ray workers inherit the environment of `ray start`.
 CLUSTER_ENV = {
