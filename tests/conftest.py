@@ -28,6 +28,8 @@ CLUSTER_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     # test-only plug-ins (tests/augment_plugins.py) must import inside Ray actors too
     "PYTHONPATH": str(Path(__file__).resolve().parent),
+    # as with an activated virtual environment: a job's `python` is the one running the tests
+    "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
 }
 DASHBOARD_PORT = 8275
 GCS_PORT = 6399

@@ -49,3 +49,17 @@ def wait_for(predicate, timeout: float, interval: float = 0.5):
             return value
         time.sleep(interval)
     raise TimeoutError("condition not met in time")
+
+
+def drain_loader(ld) -> list:
+    """Run a loader to the end of its data (on_exhausted: stop), close it, and return the
+    (doc id, epoch) pairs its streams recorded."""
+    from raycpt.loader import DataExhausted
+
+    try:
+        while True:
+            ld.next_step()
+    except DataExhausted:
+        pass
+    ld.close()
+    return [c for s in ld.streams for c in s.consumed or []]

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 from conftest import free_port, wait_port
-from support import synthetic_docs, write_jsonl
+from support import drain_loader, synthetic_docs, write_jsonl
 from transformers import AutoTokenizer
 
 from raycpt import storage
 from raycpt.config import DataConfig, PrepareConfig, SourceConfig
-from raycpt.loader import CPTDataLoader, DataExhausted, Layout
+from raycpt.loader import CPTDataLoader, Layout
 from raycpt.prepare import prepare
 from raycpt.stream import ShardError
 from raycpt.train.engine import local_copy
@@ -41,16 +41,6 @@ def big_s3_dataset(s3_server, tmp_path_factory):
 def loader(dataset, tok, rank=0, world=1, record=True, **data):
     cfg = DataConfig(sources=[SourceConfig(name="d", path=dataset)], seq_len=64, **data)
     return CPTDataLoader(cfg, tok, 3, Layout(rank, world, 4, 2), 1000, record_documents=record)
-
-
-def drain(ld) -> list:
-    try:
-        while True:
-            ld.next_step()
-    except DataExhausted:
-        pass
-    ld.close()
-    return [c for s in ld.streams for c in s.consumed or []]
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +72,7 @@ def test_streaming_from_s3_holds_a_bounded_read_ahead(big_s3_dataset, tok):
     )
     ld.next_step()
     read_at_first_batch = sum(s.reader.bytes_read for s in ld.streams)
-    drain(ld)
+    drain_loader(ld)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     total_bytes = sum(s["num_bytes"] for s in manifest["splits"]["train"]["shards"])
@@ -98,7 +88,7 @@ def test_network_cut_mid_stream_is_retried_and_loses_nothing(
     connections) and restored 2 s later; botocore's retries carry the stream over the gap and the
     documents consumed equal those of an uninterrupted stream, in the same order."""
     out, _ = big_s3_dataset
-    expected = drain(loader(out, tok, read_ahead=1, on_exhausted="stop"))
+    expected = drain_loader(loader(out, tok, read_ahead=1, on_exhausted="stop"))
 
     port = free_port()
     proxy_cmd = [
@@ -121,7 +111,7 @@ def test_network_cut_mid_stream_is_retried_and_loses_nothing(
         restart = threading.Timer(2.0, lambda: procs.append(subprocess.Popen(proxy_cmd)))
         procs: list = []
         restart.start()
-        got = drain(ld)
+        got = drain_loader(ld)
         restart.join()
     finally:
         for p in [proxy, *locals().get("procs", [])]:
@@ -140,7 +130,7 @@ def test_corrupted_shard_on_s3_is_named(s3_server, tmp_path, tok):
     data[100] ^= 1
     storage.write_bytes(f"{out}/{victim}", bytes(data))
     with pytest.raises(ShardError, match=f"{out}/{victim} does not match its manifest"):
-        drain(loader(out, tok, on_exhausted="stop", shuffle=False))
+        drain_loader(loader(out, tok, on_exhausted="stop", shuffle=False))
 
 
 def test_missing_bucket_and_bad_credentials_fail_clearly(s3_server, tmp_path, monkeypatch):

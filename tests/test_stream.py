@@ -202,13 +202,9 @@ def prepared(tmp_path, docs: list[dict], **cfg):
 
 
 def drain_ids(ld):
-    try:
-        while True:
-            ld.next_step()
-    except DataExhausted:
-        pass
-    ld.close()
-    return [i for s in ld.streams for i, _ in s.consumed]
+    from support import drain_loader
+
+    return [i for i, _ in drain_loader(ld)]
 
 
 def test_curriculum_goes_from_easy_to_hard_with_bounded_randomness(tmp_path, tok):
