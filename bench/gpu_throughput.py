@@ -13,6 +13,7 @@ activation checkpointing is not counted.
 """
 
 import argparse
+import functools
 import json
 import os
 import time
@@ -47,6 +48,7 @@ def run_config(args):
                 "tokenizer": "unused",
                 "gradient_checkpointing": args.grad_ckpt,
                 "compile": args.compile,
+                "loss_chunk_tokens": args.loss_chunk,
             },
             "data": {"sources": [{"name": "random", "path": "unused"}], "seq_len": args.seq},
             "train": {
@@ -71,6 +73,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--grad-ckpt", action="store_true")
     p.add_argument("--compile", action="store_true", help="model.compile: regional torch.compile")
+    p.add_argument("--loss-chunk", type=int, default=None, help="model.loss_chunk_tokens")
     p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of 3 steps")
     args = p.parse_args()
     for k, v in {
@@ -86,7 +89,12 @@ def main() -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
-    from raycpt.train.engine import build_optimizer, compile_layers, deepspeed_config
+    from raycpt.train.engine import (
+        build_optimizer,
+        chunked_causal_lm_loss,
+        compile_layers,
+        deepspeed_config,
+    )
 
     deepspeed.init_distributed(dist_backend="nccl")
     torch.cuda.set_device(0)
@@ -103,6 +111,8 @@ def main() -> None:
         model.gradient_checkpointing_enable()
     if args.compile:
         compile_layers(model)
+    if args.loss_chunk:
+        model.loss_function = functools.partial(chunked_causal_lm_loss, chunk=args.loss_chunk)
     n_params = sum(getattr(q, "ds_numel", q.numel()) for q in model.parameters())
     d, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
     matmul_params = n_params - vocab * d + (vocab * d if config.tie_word_embeddings else 0)
@@ -151,6 +161,7 @@ def main() -> None:
                 "seq": args.seq,
                 "grad_ckpt": args.grad_ckpt,
                 "compile": args.compile,
+                "loss_chunk": args.loss_chunk,
                 "params": n_params,
                 "step_s": elapsed / args.steps,
                 "tokens_per_s": tps,

@@ -293,3 +293,23 @@ def test_stages_start_from_the_previous_stage_with_fresh_optimizer(
     launch.run(staged)  # everything done: both stages resume at their end and train no step
     assert ckpt.list_checkpoints(launch.run_dir(anneal)) == before
     assert latest_meta(anneal)["segments"] == [[0, 4]]
+
+
+def test_chunked_loss_equals_the_stock_loss_and_gradients(base_model_dir):
+    import functools
+
+    from transformers import AutoModelForCausalLM
+
+    from raycpt.train.engine import chunked_causal_lm_loss
+
+    model = AutoModelForCausalLM.from_pretrained(base_model_dir)
+    x = torch.randint(0, model.config.vocab_size, (3, 100))
+    stock = model(input_ids=x, labels=x).loss
+    stock.backward()
+    g_stock = model.lm_head.weight.grad.clone()
+    model.zero_grad()
+    model.loss_function = functools.partial(chunked_causal_lm_loss, chunk=64)
+    chunked = model(input_ids=x, labels=x).loss
+    chunked.backward()
+    assert chunked.item() == pytest.approx(stock.item(), rel=1e-6)
+    assert torch.allclose(model.lm_head.weight.grad, g_stock, atol=1e-6)

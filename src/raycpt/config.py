@@ -111,6 +111,12 @@ class ModelConfig(_Section):
     compile: bool = Field(
         False, description="torch.compile each decoder layer (regional compilation; GPU)."
     )
+    loss_chunk_tokens: int | None = Field(
+        None,
+        ge=256,
+        description="Compute the loss in chunks of this many tokens, recomputed in backward, so "
+        "the fp32 copy of the whole [tokens, vocab] logits is never held (large vocabularies).",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
