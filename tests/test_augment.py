@@ -142,14 +142,20 @@ def test_bad_configuration_fails_before_training(tmp_path):
         aug([{"type": "custom", "callable": "nosuchmodule:f"}])
 
 
-def pool_actors() -> int:
+def pool_actors(states=("ALIVE",)) -> int:
+    """Actors of the augmentation pool in the given states, from Ray's state API."""
     from ray.util.state import list_actors
 
     return sum(
         1
-        for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-        if DEPLOYMENT in (a.class_name or "") or DEPLOYMENT in (a.name or "")
+        for a in list_actors(limit=1000)
+        if a.state in states
+        and (DEPLOYMENT in (a.class_name or "") or DEPLOYMENT in (a.name or ""))
     )
+
+
+# an actor the pool asked for: being placed or started, or running
+REQUESTED = ("ALIVE", "PENDING_CREATION", "DEPENDENCIES_UNREADY", "RESTARTING")
 
 
 def test_pool_is_deterministic_across_sizes_and_matches_in_process(ray_cluster, lexicon):
@@ -206,17 +212,17 @@ def test_pool_grows_under_load_and_shrinks_when_idle(ray_cluster):
             while not stop.is_set():
                 transform(["x"] * 16, [str(i) for i in range(16)], 0, 0.0)
 
-        feeders = [threading.Thread(target=feed) for _ in range(6)]
+        feeders = [threading.Thread(target=feed) for _ in range(8)]
         for f in feeders:
             f.start()
         try:
-            peak = wait_for(lambda: pool_actors() if pool_actors() >= 2 else 0, timeout=60)
+            peak = wait_for(lambda: n if (n := pool_actors(REQUESTED)) >= 2 else 0, timeout=120)
         finally:
             stop.set()
             for f in feeders:
                 f.join()
         assert peak >= 2
-        wait_for(lambda: pool_actors() == 1, timeout=60)
+        wait_for(lambda: pool_actors(REQUESTED) == 1, timeout=120)
     finally:
         shutdown(app)
     time.sleep(0.5)

@@ -253,6 +253,10 @@ def test_training_with_augmentation_pool_converges_and_counts(ray_cluster, run_c
     )
     assert last["augment/noise/edits"] > 0
     assert 0 <= last["data_wait_frac"] < 1
+    # NEFTune noise is on in training steps only: the engine's eval-mode probe logits equal a
+    # clean export's (export verifies them against the probe, to 1e-4)
+    info = export(launch.run_dir(parse_config(cfg)), str(tmp_path / "export"))
+    assert info["probe_max_abs_diff"] is not None and info["probe_max_abs_diff"] <= 1e-4
 
 
 def test_stages_start_from_the_previous_stage_with_fresh_optimizer(
