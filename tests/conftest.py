@@ -30,6 +30,9 @@ CLUSTER_ENV = {
     "PYTHONPATH": str(Path(__file__).resolve().parent),
     # as with an activated virtual environment: a job's `python` is the one running the tests
     "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    # the augmentation pool's replicas report their own load to Serve's autoscaler (instead of
+    # every caller's handle), so its growth does not hinge on the test process's handle threads
+    "RAY_SERVE_COLLECT_AUTOSCALING_METRICS_ON_HANDLE": "0",
 }
 DASHBOARD_PORT = 8275
 GCS_PORT = 6399

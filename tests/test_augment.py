@@ -212,7 +212,7 @@ def test_pool_grows_under_load_and_shrinks_when_idle(ray_cluster):
             while not stop.is_set():
                 transform(["x"] * 16, [str(i) for i in range(16)], 0, 0.0)
 
-        feeders = [threading.Thread(target=feed) for _ in range(8)]
+        feeders = [threading.Thread(target=feed) for _ in range(12)]
         for f in feeders:
             f.start()
         try:
