@@ -66,7 +66,8 @@ def test_killed_workers_resume_with_the_same_documents_and_losses(ray_cluster, r
 
     meta = ckpt.read_meta(ckpt.fetch(ckpt.resolve(launch.run_dir(broken))))
     assert meta["step"] == 60
-    assert len(meta["segments"]) == 2 and meta["segments"][1][0] == 20  # restarted at step 20
+    # restarted from a checkpoint taken before the kill (20, or 40 if the kill came late)
+    assert len(meta["segments"]) == 2 and meta["segments"][1][0] in (20, 40)
     ids_full, ids_broken = docs_of(full), docs_of(broken)
     assert Counter(ids_broken) == Counter(ids_full)
     assert len(ids_full) > 50
