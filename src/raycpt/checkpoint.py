@@ -107,11 +107,11 @@ def list_checkpoints(run: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def fetch(checkpoint: str, cache_root: str | None = None) -> str:
+def fetch(checkpoint: str) -> str:
     """A local folder with the checkpoint's files (downloaded if it is on S3)."""
     if not storage.is_remote(checkpoint):
         return storage.filesystem(checkpoint)[1]
-    dest = tempfile.mkdtemp(prefix="raycpt-fetch-", dir=cache_root)
+    dest = tempfile.mkdtemp(prefix="raycpt-fetch-")
     return storage.download_dir(checkpoint, dest)
 
 
