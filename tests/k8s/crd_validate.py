@@ -142,12 +142,18 @@ def _list_type_errors(instance: Any, schema: dict, path: str) -> Iterator[str]:
             for index, item in enumerate(instance):
                 yield from _list_type_errors(item, items, f"{path}[{index}]")
     elif isinstance(instance, dict) and isinstance(schema, dict):
-        props = schema.get("properties", {})
-        additional = schema.get("additionalProperties")
-        for name, item in instance.items():
-            sub = props.get(name) or (additional if isinstance(additional, dict) else None)
-            if sub is not None:
-                yield from _list_type_errors(item, sub, f"{path}.{name}")
+        for item, sub, sub_path in _field_schemas(instance, schema, path):
+            yield from _list_type_errors(item, sub, sub_path)
+
+
+def _field_schemas(instance: dict, schema: dict, path: str) -> Iterator[tuple[Any, dict, str]]:
+    """(value, its schema, its path) for each field of an object that the schema describes."""
+    props = schema.get("properties", {})
+    additional = schema.get("additionalProperties")
+    for name, item in instance.items():
+        sub = props.get(name) or (additional if isinstance(additional, dict) else None)
+        if sub is not None:
+            yield item, sub, f"{path}.{name}"
 
 
 def _cel_errors(instance: Any, schema: dict, path: str) -> Iterator[str]:
@@ -158,12 +164,8 @@ def _cel_errors(instance: Any, schema: dict, path: str) -> Iterator[str]:
     if rules:
         yield f"{path}: CEL rules are not evaluated by this validator: {rules}"
     if isinstance(instance, dict):
-        props = schema.get("properties", {})
-        additional = schema.get("additionalProperties")
-        for name, item in instance.items():
-            sub = props.get(name) or (additional if isinstance(additional, dict) else None)
-            if sub is not None:
-                yield from _cel_errors(item, sub, f"{path}.{name}")
+        for item, sub, sub_path in _field_schemas(instance, schema, path):
+            yield from _cel_errors(item, sub, sub_path)
     elif isinstance(instance, list) and isinstance(schema.get("items"), dict):
         for index, item in enumerate(instance):
             yield from _cel_errors(item, schema["items"], f"{path}[{index}]")
