@@ -2,6 +2,8 @@
 
 import json
 import random
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -63,3 +65,26 @@ def drain_loader(ld) -> list:
         pass
     ld.close()
     return [c for s in ld.streams for c in s.consumed or []]
+
+
+def submit_job(dashboard: str, script: str, config: Path) -> subprocess.CompletedProcess:
+    """`ray job submit --working-dir <repo> -- python <script> --config <config>`, waited for."""
+    return subprocess.run(
+        [
+            str(Path(sys.executable).with_name("ray")),
+            "job",
+            "submit",
+            "--address",
+            dashboard,
+            "--working-dir",
+            str(Path(__file__).resolve().parents[1]),
+            "--",
+            "python",
+            script,
+            "--config",
+            str(config),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )

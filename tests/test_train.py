@@ -3,12 +3,11 @@ checkpoint and resume, export to a Hugging Face folder, `ray job submit`, and re
 models before any worker starts."""
 
 import json
-import subprocess
 
 import pytest
 import torch
 import yaml
-from conftest import REPO, ray_cli
+from support import submit_job
 
 from raycpt import checkpoint as ckpt
 from raycpt.config import parse_config
@@ -123,25 +122,7 @@ def test_ray_job_submit_runs_the_entry_point(ray_cluster, run_config, tmp_path):
     cfg = run_config(name="job", train__max_steps=4, train__log_every=2, checkpoint__every_steps=4)
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    proc = subprocess.run(
-        [
-            ray_cli(),
-            "job",
-            "submit",
-            "--address",
-            ray_cluster["dashboard"],
-            "--working-dir",
-            str(REPO),
-            "--",
-            "python",
-            "ray_jobs/cpt.py",
-            "--config",
-            str(path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = submit_job(ray_cluster["dashboard"], "ray_jobs/cpt.py", path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "succeeded" in proc.stdout
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("raycpt result:"))
