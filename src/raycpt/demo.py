@@ -127,6 +127,7 @@ def _run_config(
     zero: int,
     lr: float,
     schedule: dict,
+    eval_cfg: dict | None = None,
 ) -> CPTConfig:
     return parse_config(
         {
@@ -146,6 +147,7 @@ def _run_config(
             "deepspeed": {"zero_stage": zero},
             "checkpoint": {"every_steps": steps, "num_to_keep": 1},
             "scaling": {"num_workers": workers},
+            "eval": eval_cfg or {},
         },
         CPTConfig,
         source=f"demo:{name}",
@@ -203,9 +205,19 @@ def run_demo(work: Path, base_steps: int = 300, cpt_steps: int = 150) -> dict:
         2,
         1e-3,
         {"name": "rewarm_cosine", "warmup_steps": 15, "min_lr_ratio": 0.1},
+        {
+            "every_steps": max(cpt_steps // 3, 1),
+            "sets": [
+                {**domain, "role": "domain", "max_tokens": 16_384},
+                {**general, "role": "general", "max_tokens": 16_384},
+            ],
+        },
     )
     launch.run(cpt_cfg)
     export.export(launch.run_dir(cpt_cfg), str(work / "cpt-model"))
+    from raycpt.report import write_report
+
+    write_report(launch.run_dir(cpt_cfg), str(work / "report"))
 
     table = {}
     for model in ("base-model", "cpt-model"):
