@@ -80,6 +80,20 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def use_s3(endpoint: str, bucket: str = "bench") -> None:
+    """Point this process (and its children) at the loopback server and create the bucket."""
+    from raycpt import storage
+
+    os.environ.update(
+        AWS_ENDPOINT_URL=endpoint,
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench",
+        AWS_REGION="us-east-1",
+    )
+    storage._S3.reset()
+    storage._S3.client().create_bucket(Bucket=bucket)
+
+
 def start_s3() -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -111,14 +125,7 @@ def main() -> None:
         train_tokenizer(domain_texts()[:300], work / "tokenizer")
     s3, endpoint = start_s3()
     try:
-        os.environ.update(
-            AWS_ENDPOINT_URL=endpoint,
-            AWS_ACCESS_KEY_ID="bench",
-            AWS_SECRET_ACCESS_KEY="bench",
-            AWS_REGION="us-east-1",
-        )
-        storage._S3.reset()
-        storage._S3.client().create_bucket(Bucket="bench")
+        use_s3(endpoint)
         for f in sorted(local.rglob("*")):
             if f.is_file():
                 storage.write_bytes(f"s3://bench/data/{f.relative_to(local)}", f.read_bytes())

@@ -45,28 +45,33 @@ def augment_config(work: Path) -> dict:
     }
 
 
+def run_config(work: Path, name: str, stage: int, steps: int, data, tok, vocab: int) -> dict:
+    """The benchmark run: the demo's small Llama, seq 128, micro-batch 8, global batch 16, 2
+    workers, one checkpoint at the end (after the timed windows)."""
+    return {
+        "name": name,
+        "storage_path": str(work / "runs"),
+        "model": {"init": tiny_llama(vocab), "tokenizer": str(tok)},
+        "data": {"sources": [{"name": "d", "path": str(data)}], "seq_len": SEQ_LEN},
+        "train": {
+            "max_steps": steps,
+            "micro_batch_size": 8,
+            "global_batch_size": 16,
+            "lr": 1e-3,
+            "log_every": 10,
+        },
+        "deepspeed": {"zero_stage": stage},
+        "checkpoint": {"every_steps": steps},
+        "scaling": {"num_workers": 2},
+    }
+
+
 def measure(
     work: Path, stage: int, steps: int, data: Path, tok: Path, vocab: int, augment: bool = False
 ) -> dict:
-    cfg = parse_config(
-        {
-            "name": f"zero{stage}{'-aug' if augment else ''}",
-            "storage_path": str(work / "runs"),
-            "model": {"init": tiny_llama(vocab), "tokenizer": str(tok)},
-            "data": {"sources": [{"name": "d", "path": str(data)}], "seq_len": SEQ_LEN},
-            "train": {
-                "max_steps": steps,
-                "micro_batch_size": 8,
-                "global_batch_size": 16,
-                "lr": 1e-3,
-                "log_every": 10,
-            },
-            "deepspeed": {"zero_stage": stage},
-            "checkpoint": {"every_steps": steps},
-            "scaling": {"num_workers": 2},
-            "augment": augment_config(work) if augment else {},
-        }
-    )
+    name = f"zero{stage}{'-aug' if augment else ''}"
+    cfg = run_config(work, name, stage, steps, data, tok, vocab)
+    cfg = parse_config({**cfg, "augment": augment_config(work) if augment else {}})
     launch.run(cfg)
     history = ckpt.read_meta(ckpt.fetch(ckpt.resolve(launch.run_dir(cfg))))["history"][1:]
     tokens_per_step = 16 * SEQ_LEN

@@ -2,8 +2,8 @@
 
 Every packed block has the same length, so token shares are block shares. The global stream of
 blocks is numbered by *slot*; the optimizer step ``k`` consumes slots ``[k*G, (k+1)*G)`` for a
-global batch of ``G`` sequences, whatever the number of workers. :class:`SlotMixer` assigns each slot
-a source by a smooth weighted round-robin (the largest deficit between a source's cumulative
+global batch of ``G`` sequences, whatever the number of workers. :class:`SlotMixer` assigns each
+slot a source by a smooth weighted round-robin (the largest deficit between a source's cumulative
 target and what it has received wins), as Megatron's blended datasets do. The error of every
 prefix is below one block per source, so the share over any window of ``n`` blocks is within
 ``2/n`` of its target. Weights may follow a piecewise-linear schedule over the run.
