@@ -15,6 +15,7 @@ has reported, so an interrupted save is never what a resume picks up. Layout::
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -25,8 +26,11 @@ from pathlib import Path
 
 from raycpt import __version__, storage
 
+log = logging.getLogger(__name__)
+
 DS_TAG = "ds"
 META = "raycpt.json"
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of registered checkpoints
 PROBE = "probe.pt"
 _STEP_DIR = re.compile(r"checkpoint_(\d+)$")
 
@@ -91,7 +95,34 @@ def read_meta(folder: str) -> dict:
 
 
 def list_checkpoints(run: str) -> list[tuple[int, str]]:
-    """(step, location) of every checkpoint folder of a run, oldest first."""
+    """(step, location) of every complete checkpoint of a run, oldest first.
+
+    Ray Train registers a checkpoint in its snapshot file only once every worker's part is
+    uploaded; a folder that a crash during a save left behind is not in it and is ignored here,
+    as Ray's own resume ignores it (the next save of that step replaces it).
+    """
+    found = step_folders(run)
+    registered = registered_checkpoints(run)
+    if registered is None:  # not written by Ray Train (or by a Ray without the snapshot)
+        return found
+    partial = [loc for _, loc in found if os.path.basename(loc) not in registered]
+    if partial:
+        log.warning("ignoring checkpoint folders Ray Train never registered (partial): %s", partial)
+    return [(step, loc) for step, loc in found if os.path.basename(loc) in registered]
+
+
+def registered_checkpoints(run: str) -> set[str] | None:
+    """The checkpoint folder names in Ray Train's checkpoint-manager snapshot of a run."""
+    snapshot = storage.join(run, RAY_SNAPSHOT)
+    if not storage.exists(snapshot):
+        return None
+    state = json.loads(storage.read_bytes(snapshot))
+    results = state.get("checkpoint_results", [])
+    return {r["checkpoint_dir_name"] for r in results}
+
+
+def step_folders(run: str) -> list[tuple[int, str]]:
+    """(step, location) of every checkpoint_<step> folder of a run, complete or not."""
     fs, path = storage.filesystem(run)
     import pyarrow.fs as pafs
 
@@ -115,18 +146,46 @@ def fetch(checkpoint: str) -> str:
     return storage.download_dir(checkpoint, dest)
 
 
-def resolve(run_or_checkpoint: str) -> str:
-    """A complete checkpoint location from a run folder (its latest) or a checkpoint folder."""
+def _complete(loc: str) -> bool:
+    return storage.exists(storage.join(loc, META)) and storage.exists(storage.join(loc, "latest"))
+
+
+def resolve(run_or_checkpoint: str, best: bool = False) -> str:
+    """A complete checkpoint location from a run folder (its latest, or with ``best`` the one
+    with the best ``checkpoint.score_metric``) or from a checkpoint folder."""
     if _STEP_DIR.search(run_or_checkpoint.rstrip("/")):
         candidates = [run_or_checkpoint]
     else:
         candidates = [loc for _, loc in reversed(list_checkpoints(run_or_checkpoint))]
-    for loc in candidates:
-        if storage.exists(storage.join(loc, META)) and storage.exists(storage.join(loc, "latest")):
-            return loc
+    complete = [loc for loc in candidates if _complete(loc)]
+    if complete and best:
+        return _best(run_or_checkpoint, complete)
+    if complete:
+        return complete[0]
     raise CheckpointError(
         f"no complete checkpoint under {run_or_checkpoint}: pass a run folder "
         "(<storage_path>/<name>) or one of its checkpoint_<step> folders"
+    )
+
+
+def _best(run: str, locations: list[str]) -> str:
+    metas = {loc: json.loads(storage.read_bytes(storage.join(loc, META))) for loc in locations}
+    scored = {loc: m["score"] for loc, m in metas.items() if m.get("score") is not None}
+    if not scored:
+        raise CheckpointError(
+            f"no checkpoint under {run} has a score: set checkpoint.score_metric (and eval.sets) "
+            "in the run config to rank checkpoints"
+        )
+    order = metas[next(iter(scored))]["config"]["checkpoint"]["score_order"]
+    pick = min if order == "min" else max
+    return pick(scored, key=scored.get)
+
+
+def folder_bytes(folder: str) -> int:
+    return sum(
+        os.path.getsize(os.path.join(root, name))
+        for root, _, names in os.walk(folder)
+        for name in names
     )
 
 

@@ -41,18 +41,43 @@ def cmd_train(args) -> None:
 def cmd_export(args) -> None:
     from raycpt.export import export
 
-    print(json.dumps(export(args.checkpoint, args.out), default=str))
+    info = export(args.checkpoint, args.out, best=args.best, merge=args.merge)
+    print(json.dumps(info, default=str))
+
+
+def cmd_vocab(args) -> None:
+    from raycpt import vocab
+    from raycpt.train.engine import load_tokenizer
+
+    cfg = load_config(args.config)
+    texts = list(vocab.read_texts(cfg.data.sources, args.max_docs))
+    result = vocab.report(texts, load_tokenizer(cfg.model), args.top, args.min_count)
+    for t in result["terms"]:
+        print(f"{t['term']:<30} count {t['count']:>8}  pieces {t['pieces']:>3}  score {t['score']}")
+    print(
+        f"tokens per document: {result['tokens_per_doc_before']:.1f} -> "
+        f"{result['tokens_per_doc_after']:.1f} ({100 * result['reduction']:.1f}% fewer, "
+        f"{result['documents']} documents)"
+    )
+    if args.out:
+        vocab.write_terms_file(args.out, result, f"raycpt vocab --config {args.config}")
+        print(f"wrote {len(result['terms'])} terms to {args.out}: set model.vocab_file to use them")
 
 
 def cmd_eval(args) -> None:
     from raycpt.evaluate import evaluate_folder
 
-    r = evaluate_folder(args.model, args.dataset, args.split, args.seq_len, args.max_tokens)
-    print(
-        json.dumps(
-            {"perplexity": r.perplexity, "bits_per_byte": r.bits_per_byte, "tokens": r.tokens}
-        )
+    r = evaluate_folder(
+        args.model, args.dataset, args.split, args.seq_len, args.max_tokens, best=args.best
     )
+    print(json.dumps(r.metrics()))
+
+
+def cmd_report(args) -> None:
+    from raycpt.report import write_report
+
+    out = args.out or "report"
+    print(json.dumps(write_report(args.run, out)))
 
 
 def cmd_demo(args) -> None:
@@ -62,7 +87,10 @@ def cmd_demo(args) -> None:
     print(f"raycpt demo: working folder {work.resolve()}", flush=True)
     summary = run_demo(work, base_steps=args.base_steps, cpt_steps=args.cpt_steps)
     print(format_summary(summary))
-    print(f"\neverything is in {work.resolve()} (models: base-model/, cpt-model/; runs: runs/)")
+    print(
+        f"\neverything is in {work.resolve()} (models: base-model/, cpt-model/; runs: runs/; "
+        "the CPT run's report: report/report.html)"
+    )
 
 
 def cmd_inspect(args) -> None:
@@ -99,6 +127,168 @@ def cmd_config_reference(args) -> None:
     print(reference_markdown(), end="")
 
 
+# --- submit / status / stop: a run on a remote cluster (Ray job API, or a KubeRay RayJob) ----
+
+
+def _stop_after_interrupt(args, what: str) -> bool:
+    """After Ctrl-C: --stop-on-interrupt stops; a terminal is asked; anything else detaches."""
+    if args.stop_on_interrupt:
+        return True
+    if not sys.stdin.isatty():
+        return False
+    try:
+        return input(f"\nstop {what}? [y/N] ").strip().lower().startswith("y")
+    except (EOFError, KeyboardInterrupt):
+        return False
+
+
+def _rayjob_options(args):
+    from raycpt.submit import RayJobOptions
+
+    return RayJobOptions(
+        namespace=args.namespace,
+        name=args.name,
+        image=args.image,
+        service_account=args.service_account,
+        ttl_seconds=args.ttl,
+        backoff_limit=args.backoff_limit,
+        active_deadline_seconds=args.active_deadline or None,
+        shutdown_after_finish=not args.keep_cluster,
+        s3_secret=args.s3_secret,
+        worker_cpu=args.worker_cpu,
+        worker_memory=args.worker_memory,
+    )
+
+
+def _print_rayjob_status(status: dict) -> None:
+    deployment, job = status.get("jobDeploymentStatus") or "New", status.get("jobStatus") or "-"
+    line = f"RayJob: {deployment}, job {job}"
+    extra = [status[k] for k in ("message", "dashboardURL") if status.get(k)]
+    print(line + (f" ({'; '.join(extra)})" if extra else ""), flush=True)
+
+
+def _submit_k8s(args) -> int:
+    from raycpt import submit
+
+    api = submit.kube_api(args.context)
+    created = submit.submit_rayjob(api, args.config, _rayjob_options(args), args.start_from)
+    name, ns = created["metadata"]["name"], created["metadata"]["namespace"]
+    if args.no_wait:
+        print(name)
+        return 0
+    print(f"created RayJob {ns}/{name}; its logs: kubectl -n {ns} logs -f job/{name}", flush=True)
+    try:
+        status = submit.watch_rayjob(api, name, ns, _print_rayjob_status)
+    except KeyboardInterrupt:
+        if not _stop_after_interrupt(args, f"RayJob {ns}/{name}"):
+            print(f"RayJob {ns}/{name} keeps running: raycpt status|stop --k8s {name} -n {ns}")
+            return submit.EXIT_DETACHED
+        submit.stop_rayjob(api, name, ns)
+        print(f"deleted RayJob {ns}/{name}")
+        return submit.exit_code("STOPPED")
+    return submit.rayjob_exit_code(status)
+
+
+def cmd_submit(args) -> int:
+    from raycpt import submit
+
+    if args.k8s:
+        return _submit_k8s(args)
+    client = submit.job_client(args.address)
+    job_id = submit.submit_job(client, args.config, args.start_from)
+    if args.no_wait:
+        print(job_id)
+        return 0
+    print(f"submitted job {job_id}; Ctrl-C to stop following it", file=sys.stderr, flush=True)
+    try:
+        status = submit.follow_job(client, job_id)
+    except KeyboardInterrupt:
+        if not _stop_after_interrupt(args, f"job {job_id}"):
+            print(f"job {job_id} keeps running: raycpt status|stop {job_id}", file=sys.stderr)
+            return submit.EXIT_DETACHED
+        status = submit.stop_job(client, job_id)
+    print(f"job {job_id}: {status}", file=sys.stderr)
+    return submit.exit_code(status)
+
+
+def cmd_status(args) -> int:
+    from raycpt import submit
+
+    if args.k8s:
+        found = submit.rayjob_status(submit.kube_api(args.context), args.k8s, args.namespace)
+    else:
+        found = submit.job_status(submit.job_client(args.address), args.job)
+    print(json.dumps(found, indent=2, default=str))
+    return 0
+
+
+def cmd_stop(args) -> int:
+    from raycpt import submit
+
+    if args.k8s:
+        submit.stop_rayjob(submit.kube_api(args.context), args.k8s, args.namespace)
+        print(f"deleted RayJob {args.namespace}/{args.k8s}")
+    else:
+        status = submit.stop_job(submit.job_client(args.address), args.job)
+        print(f"job {args.job}: {status}")
+    return 0
+
+
+def _add_cluster_args(s) -> None:
+    s.add_argument("--address", help="Ray dashboard URL (default: RAY_ADDRESS, else local Ray)")
+    s.add_argument("--namespace", "-n", default="raycpt", help="with --k8s (default: raycpt)")
+    s.add_argument("--context", help="with --k8s: kubeconfig context (default: current)")
+
+
+def add_submit_commands(sub) -> None:
+    """`raycpt submit`, `raycpt status` and `raycpt stop`."""
+    from raycpt.submit import RayJobOptions as Opt
+
+    s = sub.add_parser("submit", help="submit a run to a Ray cluster, or as a RayJob (--k8s)")
+    s.add_argument("config", help="the run's YAML config (validated here, sent to the cluster)")
+    s.add_argument("--start-from", help="a checkpoint to start a new run from")
+    s.add_argument("--no-wait", action="store_true", help="print the job id (name) and return")
+    s.add_argument(
+        "--stop-on-interrupt", action="store_true", help="Ctrl-C stops the job without asking"
+    )
+    _add_cluster_args(s)
+    k = s.add_argument_group("Kubernetes (--k8s): a KubeRay RayJob and a ConfigMap")
+    k.add_argument("--k8s", action="store_true", help="create a RayJob instead of using --address")
+    k.add_argument("--name", help="RayJob name (default: the run name + a random suffix)")
+    k.add_argument("--image", default=Opt.image, help=f"Ray image (default: {Opt.image})")
+    k.add_argument("--service-account", default=Opt.service_account, help="of the Ray pods")
+    k.add_argument(
+        "--ttl", type=int, default=Opt.ttl_seconds, help="seconds a finished RayJob is kept"
+    )
+    k.add_argument(
+        "--backoff-limit", type=int, default=Opt.backoff_limit, help="retries on a new cluster"
+    )
+    k.add_argument(
+        "--active-deadline",
+        type=int,
+        default=Opt.active_deadline_seconds,
+        help="seconds the whole job may take (0: no limit)",
+    )
+    k.add_argument(
+        "--keep-cluster", action="store_true", help="keep the Ray cluster after the job ends"
+    )
+    k.add_argument("--s3-secret", help="Secret whose keys become env (AWS_ACCESS_KEY_ID, ...)")
+    k.add_argument("--worker-cpu", default=Opt.worker_cpu, help="per trainer pod")
+    k.add_argument("--worker-memory", default=Opt.worker_memory, help="per trainer pod")
+    s.set_defaults(fn=cmd_submit)
+
+    for command, fn, what in (
+        ("status", cmd_status, "the status of a submitted job or RayJob"),
+        ("stop", cmd_stop, "stop a submitted job, or delete a RayJob"),
+    ):
+        s = sub.add_parser(command, help=what)
+        which = s.add_mutually_exclusive_group(required=True)
+        which.add_argument("job", nargs="?", help="Ray job id (from raycpt submit)")
+        which.add_argument("--k8s", metavar="NAME", help="a RayJob's name")
+        _add_cluster_args(s)
+        s.set_defaults(fn=fn)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="raycpt", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -119,15 +309,25 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("export", help="consolidate a checkpoint into a Hugging Face model folder")
     s.add_argument("checkpoint", help="run folder (<storage_path>/<name>) or checkpoint folder")
     s.add_argument("--out", required=True)
+    s.add_argument("--best", action="store_true", help="the run's best-scored checkpoint")
+    s.add_argument("--merge", action="store_true", help="LoRA runs: merged weights, not adapter")
     s.set_defaults(fn=cmd_export)
 
-    s = sub.add_parser("eval", help="perplexity and bits per byte of a model on a prepared split")
-    s.add_argument("model")
-    s.add_argument("dataset")
+    s = sub.add_parser(
+        "eval", help="perplexity, bits per byte and calibration (ECE) on a prepared split"
+    )
+    s.add_argument("model", help="exported model folder, run folder or checkpoint folder")
+    s.add_argument("dataset", help="prepared dataset folder or s3:// prefix")
+    s.add_argument("--best", action="store_true", help="from a run folder: its best checkpoint")
     s.add_argument("--split", default="heldout")
     s.add_argument("--seq-len", type=int, default=512)
     s.add_argument("--max-tokens", type=int, default=200_000)
     s.set_defaults(fn=cmd_eval)
+
+    s = sub.add_parser("report", help="an HTML page + PNG plots of a run's metrics")
+    s.add_argument("run", help="run folder (<storage_path>/<name>) or checkpoint folder")
+    s.add_argument("--out", help="output folder (default: ./report)")
+    s.set_defaults(fn=cmd_report)
 
     from raycpt.demo import default_workdir
 
@@ -149,8 +349,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--chars", type=int, default=800, help="characters shown per document")
     s.set_defaults(fn=cmd_augment_preview)
 
+    s = sub.add_parser("vocab", help="propose domain terms to add to the tokenizer")
+    s.add_argument("--config", required=True, help="the run config (its data.sources, model)")
+    s.add_argument("--top", type=int, default=100, help="terms to propose")
+    s.add_argument("--out", help="write them as a model.vocab_file (local or s3://)")
+    s.add_argument("--max-docs", type=int, default=20_000, help="documents read per source")
+    s.add_argument("--min-count", type=int, default=5, help="ignore rarer words")
+    s.set_defaults(fn=cmd_vocab)
+
     s = sub.add_parser("config-reference", help="print the config reference (markdown)")
     s.set_defaults(fn=cmd_config_reference)
+    add_submit_commands(sub)
     return p
 
 
@@ -158,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        args.fn(args)
+        code = args.fn(args)  # submit, status and stop return the job's exit code
     except ConfigError as err:
         print(f"raycpt: {err}", file=sys.stderr)
         return 2
@@ -166,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         # Library errors (PrepareError, StorageError, ModelError, ...) carry their own fix.
         print(f"raycpt {args.command}: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

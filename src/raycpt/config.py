@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
@@ -40,6 +41,93 @@ class StorageConfig(_Section):
 # ---------------------------------------------------------------------------------------------
 # prepare
 # ---------------------------------------------------------------------------------------------
+
+
+class QualityConfig(_Section):
+    """Heuristic quality filters; each is off while its value is null, and each drop is counted
+    under its own reason in the manifest."""
+
+    max_chars: int | None = Field(None, ge=1, description="Drop documents longer than this.")
+    min_alpha_ratio: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="Drop documents whose share of letters among non-space characters is lower "
+        "(tables of numbers, markup, symbol soup).",
+    )
+    max_repeated_line_ratio: float | None = Field(
+        None, ge=0.0, le=1.0, description="Drop documents whose share of repeated lines is higher."
+    )
+    max_repeated_ngram_ratio: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="Drop documents whose share of repeated word n-grams is higher (boilerplate, "
+        "generation loops).",
+    )
+    ngram_size: int = Field(3, ge=1, description="n of max_repeated_ngram_ratio's word n-grams.")
+    languages: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="Keep only documents identified (py3langid, ISO 639-1) as one of these, "
+        "e.g. [en, de].",
+    )
+    min_language_score: float = Field(
+        0.5, ge=0.0, le=1.0, description="Probability the identified language needs to reach."
+    )
+    user_filter: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+        description="module:function called with each cleaned text; returns True to keep, "
+        "False (counted as user_filter) or a string reason to drop.",
+    )
+
+
+class PiiConfig(_Section):
+    """Personal data replaced by typed placeholders (<EMAIL>, <PHONE>, ...) before anything else
+    sees the text; counts per type go in the manifest."""
+
+    enabled: bool = Field(False, description="Redact PII.")
+    types: list[Literal["email", "phone", "ip_address", "credit_card"]] = Field(
+        ["email", "phone", "ip_address", "credit_card"],
+        description="Built-in detectors to run (credit cards are Luhn-checked).",
+    )
+    patterns: dict[str, str] = Field(
+        {},
+        description="Extra regexes by type name, e.g. {mrn: 'MRN[: ]*\\d{6,10}'} (-> <MRN>).",
+    )
+    max_density: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="Drop documents in which redactions cover more than this share of characters.",
+    )
+
+    @model_validator(mode="after")
+    def _patterns_compile(self) -> PiiConfig:
+        for name, pattern in self.patterns.items():
+            if not re.fullmatch(r"[A-Za-z_]\w*", name):
+                raise ValueError(f"pii.patterns: name {name!r} must be a word like mrn")
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"pii.patterns.{name}: not a valid regex ({err})") from None
+        return self
+
+
+class NearDedupConfig(_Section):
+    """Near-duplicate removal with MinHash signatures and locality-sensitive hashing over the
+    whole corpus; one document (the smallest id) is kept per cluster."""
+
+    enabled: bool = Field(False, description="Remove near-duplicates.")
+    threshold: float = Field(
+        0.8, gt=0.0, lt=1.0, description="Jaccard similarity of shingle sets that counts as a copy."
+    )
+    shingle_size: int = Field(
+        5, ge=1, description="Characters per shingle (character n-grams survive small edits)."
+    )
+    num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations (signature size).")
+    seed: int = Field(1, description="Seed of the MinHash permutations.")
 
 
 class PrepareConfig(_Section):
@@ -76,6 +164,17 @@ class PrepareConfig(_Section):
     group_field: str | None = Field(
         None, description="JSON key / column kept as the document's sub-population (group)."
     )
+    quality: QualityConfig = QualityConfig()
+    pii: PiiConfig = PiiConfig()
+    near_dedup: NearDedupConfig = NearDedupConfig()
+    engine: Literal["auto", "local", "ray"] = Field(
+        "auto",
+        description="ray: read, clean, filter and write in parallel with Ray Data; local: one "
+        "process; auto: ray when connected to a Ray cluster and there are 64+ input files.",
+    )
+    workers: int | None = Field(
+        None, ge=1, description="Ray engine: parallel curation actors; default: the cluster's CPUs."
+    )
 
     @model_validator(mode="after")
     def _field_given(self) -> PrepareConfig:
@@ -89,8 +188,26 @@ class PrepareConfig(_Section):
 # ---------------------------------------------------------------------------------------------
 
 
+class LoraConfig(_Section):
+    """Train low-rank adapters (peft LoRA) instead of the full model; the base stays frozen."""
+
+    rank: int = Field(16, ge=1, description="LoRA rank r.")
+    alpha: float = Field(32.0, gt=0.0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter's input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Module names (suffixes) that get adapters, or all-linear.",
+    )
+    trainable_embeddings: Literal["none", "new_tokens", "all"] = Field(
+        "new_tokens",
+        description="Embedding rows trained besides the adapters: new_tokens = only the rows of "
+        "added tokens (input and output; peft trainable_token_indices; ZeRO-0/1/2), all = the "
+        "whole input and output embeddings (peft modules_to_save; any ZeRO stage).",
+    )
+
+
 class ModelConfig(_Section):
-    """The base model: a pretrained folder (or s3:// prefix), or an architecture built from scratch."""
+    """The base model: a pretrained folder (or s3:// prefix), or an architecture built anew."""
 
     path: str | None = Field(None, description="Hugging Face model folder or s3:// prefix.")
     tokenizer: str | None = Field(None, description="Tokenizer folder; defaults to model.path.")
@@ -117,6 +234,21 @@ class ModelConfig(_Section):
         description="Compute the loss in chunks of this many tokens, recomputed in backward, so "
         "the fp32 copy of the whole [tokens, vocab] logits is never held (large vocabularies).",
     )
+    add_tokens: list[str] = Field(
+        default_factory=list,
+        description="Domain terms added to the tokenizer as single tokens (in their mid-sentence "
+        "form, after a space); each new input and output embedding row starts as the mean of "
+        "the rows of the pieces the term used to split into. `raycpt vocab` proposes them.",
+    )
+    vocab_file: str | None = Field(
+        None,
+        description="File (local or s3://) with one term per line, added after add_tokens; "
+        "blank lines and lines starting with # are skipped (`raycpt vocab --out` writes one).",
+    )
+    vocab_pad_multiple: int = Field(
+        64, ge=1, description="When terms grow the vocabulary, pad its size to a multiple of this."
+    )
+    lora: LoraConfig | None = Field(None, description="Train LoRA adapters (peft) only.")
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
@@ -127,6 +259,19 @@ class ModelConfig(_Section):
                 raise ValueError("model.init needs a `model_type` key, e.g. model_type: llama")
             if self.tokenizer is None:
                 raise ValueError("model.init builds a new model: set model.tokenizer as well")
+        return self
+
+    @model_validator(mode="after")
+    def _terms_clean(self) -> ModelConfig:
+        for term in self.add_tokens:
+            if not term.strip() or term != term.strip():
+                raise ValueError(
+                    f"model.add_tokens: {term!r} is empty or has surrounding spaces; write the "
+                    "bare term (raycpt adds the leading space itself)"
+                )
+        dupes = sorted({t for t in self.add_tokens if self.add_tokens.count(t) > 1})
+        if dupes:
+            raise ValueError(f"model.add_tokens: {dupes} listed more than once")
         return self
 
     @property
@@ -267,12 +412,36 @@ class DeepSpeedConfig(_Section):
 
 
 class FailureConfig(_Section):
-    """What happens when a worker process or node dies."""
+    """What happens when a worker dies, is pre-empted (SIGTERM), or a step goes non-finite."""
 
     max_failures: int = Field(
         3,
         ge=-1,
         description="Restarts of the worker group from the latest checkpoint (-1: no limit).",
+    )
+    preflight_step: bool = Field(
+        True,
+        description="One forward and backward pass at train.micro_batch_size x data.seq_len "
+        "before the first step, so an out-of-memory or shape error fails at once.",
+    )
+    on_nan: Literal["skip", "rollback", "stop"] = Field(
+        "stop",
+        description="A NaN/Inf loss or gradient norm on any worker: skip = the update is not "
+        "applied (DeepSpeed discards it; the LR schedule does not advance); rollback = reload "
+        "the latest checkpoint and go on with LR x rollback_lr_factor (the data stream goes on, "
+        "the batches since that checkpoint are not replayed); stop = end the run with an error "
+        "naming the step (nothing is saved after the last good checkpoint).",
+    )
+    max_nonfinite_steps: int = Field(
+        10, ge=0, description="Non-finite steps skipped or rolled back before the run stops."
+    )
+    rollback_lr_factor: float = Field(
+        0.5, gt=0.0, le=1.0, description="LR multiplier applied at each rollback (compounds)."
+    )
+    debug_nan_steps: list[int] = Field(
+        default_factory=list,
+        description="Debugging/testing on_nan: worker 0's loss is made NaN at these steps (once "
+        "each per worker process). Leave empty in real runs.",
     )
 
 
@@ -280,7 +449,66 @@ class CheckpointConfig(_Section):
     """When checkpoints are taken and how many are kept."""
 
     every_steps: int = Field(100, ge=1, description="Checkpoint every N steps (and at the end).")
-    num_to_keep: int | None = Field(2, ge=1, description="Checkpoints kept; null keeps all.")
+    num_to_keep: int | None = Field(
+        2,
+        ge=1,
+        description="Checkpoints kept (the best ones when score_metric is set, plus always the "
+        "latest, which resume needs); null keeps all.",
+    )
+    score_metric: str | None = Field(
+        None,
+        description="Metric that ranks checkpoints, e.g. eval/domain/ppl; `export --best` "
+        "picks by it. Needs eval.every_steps dividing every_steps.",
+    )
+    score_order: Literal["min", "max"] = Field("min", description="Lower or higher is better.")
+
+
+class EvalSetConfig(_Section):
+    """One held-out evaluation set: a prepared dataset's split, in the domain or general role."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Set name in metrics.")
+    path: str = Field(description="Prepared dataset folder or s3:// prefix.")
+    split: str = Field("heldout", description="Manifest split (prepare's heldout_fraction).")
+    role: Literal["domain", "general"] = Field(
+        description="domain: what the run should gain; general: what it must not forget."
+    )
+    max_tokens: int = Field(32768, ge=1, description="Tokens evaluated (bounds the cost).")
+
+
+class EarlyStopConfig(_Section):
+    """When periodic evaluation ends the run early."""
+
+    patience: int = Field(
+        0, ge=0, description="Evaluations without improvement before stopping; 0: never."
+    )
+    metric: str = Field("eval/domain/ppl", description="Metric watched for improvement.")
+    mode: Literal["min", "max"] = Field("min", description="Whether lower or higher is better.")
+    min_delta: float = Field(
+        0.0, ge=0.0, description="Relative change that counts as an improvement (0.01 = 1%)."
+    )
+    forgetting_budget: float | None = Field(
+        None,
+        gt=0.0,
+        description="Stop once general perplexity exceeds the base model's by this fraction "
+        "(0.1 = +10%).",
+    )
+
+
+class EvalConfig(_Section):
+    """Periodic held-out evaluation inside the training loop, sharded over the workers."""
+
+    sets: list[EvalSetConfig] = Field(default_factory=list)
+    every_steps: int = Field(0, ge=0, description="Evaluate every N steps; 0: start and end only.")
+    batch_size: int | None = Field(None, ge=1, description="Blocks per forward; default micro.")
+    calibration_bins: int = Field(15, ge=2, description="Confidence bins of the ECE.")
+    early_stop: EarlyStopConfig = EarlyStopConfig()
+
+    @model_validator(mode="after")
+    def _names_unique(self) -> EvalConfig:
+        names = [s.name for s in self.sets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"eval set names must be unique, got {names}")
+        return self
 
 
 class StrengthPoint(_Section):
@@ -439,6 +667,7 @@ class CPTConfig(_Section):
     scaling: ScalingConfig = ScalingConfig()
     storage: StorageConfig = StorageConfig()
     augment: AugmentConfig = AugmentConfig()
+    eval: EvalConfig = EvalConfig()
     stages: list[StageConfig] | None = Field(
         None,
         description="Run as a sequence of stages; each starts from the previous stage's final "
@@ -454,6 +683,15 @@ class CPTConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _skip_needs_zero(self) -> CPTConfig:
+        if self.failure.on_nan == "skip" and self.deepspeed.zero_stage == 0:
+            raise ValueError(
+                "failure.on_nan: skip relies on DeepSpeed's ZeRO optimizer to discard a "
+                "non-finite step; with deepspeed.zero_stage 0 use on_nan: rollback or stop"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _batch_divides(self) -> CPTConfig:
         per_step = self.train.micro_batch_size * self.scaling.num_workers
         if self.train.global_batch_size % per_step:
@@ -461,6 +699,42 @@ class CPTConfig(_Section):
                 f"train.global_batch_size ({self.train.global_batch_size}) must be a multiple of "
                 f"train.micro_batch_size x scaling.num_workers ({per_step})"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _eval_feeds_scores(self) -> CPTConfig:
+        """A checkpoint's score must be a fresh evaluation, and early stopping needs sets."""
+        watched = [m for m in (self.checkpoint.score_metric,) if m] + (
+            [self.eval.early_stop.metric] if self.eval.early_stop.patience else []
+        )
+        if (watched or self.eval.early_stop.forgetting_budget) and not self.eval.sets:
+            raise ValueError(
+                "checkpoint.score_metric and eval.early_stop need eval.sets: name at least "
+                "one held-out set"
+            )
+        every = self.eval.every_steps
+        if self.checkpoint.score_metric and (not every or self.checkpoint.every_steps % every):
+            raise ValueError(
+                f"checkpoint.score_metric needs eval.every_steps ({every}) to divide "
+                f"checkpoint.every_steps ({self.checkpoint.every_steps}), so that every "
+                "checkpoint is scored by a fresh evaluation"
+            )
+        roles = {s.role for s in self.eval.sets}
+        if self.eval.early_stop.forgetting_budget and "general" not in roles:
+            raise ValueError("eval.early_stop.forgetting_budget needs a set with role: general")
+        return self
+
+    @model_validator(mode="after")
+    def _token_rows_need_zero_le_2(self) -> CPTConfig:
+        """peft's trainable_token_indices reads the embedding outside its module's forward,
+        where ZeRO-3 has not gathered it; training whole embeddings works under ZeRO-3."""
+        lora, terms = self.model.lora, self.model.add_tokens or self.model.vocab_file
+        if lora and terms and lora.trainable_embeddings == "new_tokens":
+            if self.deepspeed.zero_stage == 3:
+                raise ValueError(
+                    "model.lora.trainable_embeddings: new_tokens does not work with "
+                    "deepspeed.zero_stage: 3; use trainable_embeddings: all, or zero_stage 2"
+                )
         return self
 
     @property

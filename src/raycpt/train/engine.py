@@ -9,12 +9,14 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from raycpt import storage
+from raycpt import storage, vocab
 from raycpt.config import CPTConfig, DeepSpeedConfig, ModelConfig, TrainConfig
+from raycpt.train import adapters
 from raycpt.train.schedule import lr_multiplier
 
 log = logging.getLogger(__name__)
@@ -73,32 +75,42 @@ def _lock(path: str):
     return f
 
 
-def local_copy(uri: str) -> str:
-    """A local folder holding ``uri``: itself if local, else a node-wide cached download.
+def cache_dir() -> str:
+    """The node-local cache (RAYCPT_CACHE_DIR; the Helm chart points it at the pod's scratch)."""
+    return os.environ.get("RAYCPT_CACHE_DIR", os.path.expanduser("~/.cache/raycpt"))
 
-    The cache key covers every object's ETag, so a changed model is downloaded again. Several
-    workers on one node share one download: the first takes a file lock and copies into a
+
+def build_once(dest: str, build: Callable[[str], None]) -> str:
+    """The folder ``dest``, made by ``build(staging)`` unless it already exists.
+
+    Several workers on one node share one build: the first takes a file lock and builds into a
     staging folder that is renamed into place when complete; the others wait on the lock and
-    find the finished copy.
+    find the finished folder. A build that died half-way leaves only a staging folder behind.
     """
+    lock = _lock(dest + ".lock")
+    try:
+        if not os.path.isdir(dest):
+            staging = dest + ".partial"
+            shutil.rmtree(staging, ignore_errors=True)
+            build(staging)
+            os.replace(staging, dest)
+    finally:
+        lock.close()
+    return dest
+
+
+def local_copy(uri: str) -> str:
+    """A local folder holding ``uri``: itself if local, else a node-wide cached download
+    (one per node, see `build_once`). The cache key covers every object's ETag, so a changed
+    model is downloaded again."""
     if not storage.is_remote(uri):
         return storage.filesystem(uri)[1]
     objects = storage.list_objects(uri)
     if not objects:
         raise ModelError(f"{uri}: no objects under this prefix; check model.path")
     key = hashlib.sha256(json.dumps([uri, objects]).encode()).hexdigest()[:20]
-    cache = os.environ.get("RAYCPT_CACHE_DIR", os.path.expanduser("~/.cache/raycpt"))
-    dest = os.path.join(cache, "models", key)
-    lock = _lock(dest + ".lock")
-    try:
-        if not os.path.isdir(dest):
-            staging = dest + ".partial"
-            shutil.rmtree(staging, ignore_errors=True)
-            storage.download_dir(uri, staging)
-            os.replace(staging, dest)
-    finally:
-        lock.close()
-    return dest
+    dest = os.path.join(cache_dir(), "models", key)
+    return build_once(dest, lambda staging: storage.download_dir(uri, staging))
 
 
 def load_tokenizer(model_cfg: ModelConfig):
@@ -130,7 +142,17 @@ def model_config(model_cfg: ModelConfig):
 
 
 def check_compatible(config, tokenizer, seq_len: int) -> None:
-    """Refuse a tokenizer/model vocabulary mismatch and a sequence longer than the model allows."""
+    """Refuse a model that is not a causal LM, a tokenizer/model vocabulary mismatch and a
+    sequence longer than the model allows."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    # models with their own code (auto_map) name their classes themselves
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING and not getattr(config, "auto_map", None):
+        raise ModelError(
+            f"model: a {config.model_type!r} model is not a causal language model "
+            "(AutoModelForCausalLM cannot load it); point model.path at a decoder-only LM "
+            "(llama, mistral, qwen2, gpt2, ...)"
+        )
     vocab = getattr(config, "vocab_size", None)
     if vocab is not None and len(tokenizer) > vocab:
         raise ModelError(
@@ -150,6 +172,8 @@ def build_model(model_cfg: ModelConfig, tokenizer, seq_len: int, dtype: torch.dt
 
     With ZeRO-3 the caller must hold a live ``HfDeepSpeedConfig`` first: ``transformers`` then
     creates every parameter already partitioned, so no worker ever holds the whole model.
+    The run's domain terms (``model.add_tokens`` / ``vocab_file``) are added to `tokenizer` in
+    place and to the model's embeddings; with ``model.lora`` the model comes back peft-wrapped.
     """
     from transformers import AutoModelForCausalLM
 
@@ -157,6 +181,7 @@ def build_model(model_cfg: ModelConfig, tokenizer, seq_len: int, dtype: torch.dt
         log.warning("model.trust_remote_code is ON: code shipped with the model will be executed")
     config, path = model_config(model_cfg)
     check_compatible(config, tokenizer, seq_len)
+    new_tokens = vocab.extend_tokenizer(tokenizer, vocab.domain_terms(model_cfg))
     kwargs = {"dtype": dtype, "attn_implementation": model_cfg.attn_implementation}
     try:
         if path is None:
@@ -169,14 +194,19 @@ def build_model(model_cfg: ModelConfig, tokenizer, seq_len: int, dtype: torch.dt
         raise ModelError(
             f"model: cannot build a causal LM from {path or 'model.init'}: {err}"
         ) from None
+    vocab.init_new_embeddings(model, new_tokens, model_cfg.vocab_pad_multiple)
     if model_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    if model_cfg.compile:
-        compile_layers(model)
     if model_cfg.loss_chunk_tokens:
         model.loss_function = functools.partial(
             chunked_causal_lm_loss, chunk=model_cfg.loss_chunk_tokens
         )
+    if model_cfg.lora:
+        if model_cfg.gradient_checkpointing:  # frozen embeddings: recompute needs a grad path
+            model.enable_input_require_grads()
+        model = adapters.apply_lora(model, model_cfg.lora, sorted(new_tokens))
+    if model_cfg.compile:
+        compile_layers(model)
     return model
 
 
@@ -243,6 +273,8 @@ def build_optimizer(model, train: TrainConfig, horizon: int, fused: bool):
         {"params": decay, "weight_decay": train.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    # ZeRO drops empty groups (LoRA trains no norms): the LR schedule must see the same groups
+    groups = [g for g in groups if g["params"]]
     opt = torch.optim.AdamW(groups, lr=train.lr, betas=train.betas, eps=train.eps, fused=fused)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(train.schedule, horizon))
     return opt, sched

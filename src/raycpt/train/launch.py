@@ -9,11 +9,13 @@ import ray
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from raycpt import augment_pool, storage
+from raycpt import augment_pool, storage, vocab
 from raycpt import checkpoint as ckpt
 from raycpt.augment import Augmenter
-from raycpt.config import CPTConfig
+from raycpt.config import ConfigError, CPTConfig
 from raycpt.loader import build_orders
+from raycpt.prepare import load_manifest
+from raycpt.train import faults
 from raycpt.train.engine import check_compatible, load_tokenizer, model_config
 from raycpt.train.loop import train_loop_per_worker
 
@@ -63,11 +65,28 @@ def preflight(cfg: CPTConfig) -> None:
     """Checks that fail in seconds on the driver rather than inside every worker: the datasets
     exist, and (for a local model) tokenizer and model belong together and fit data.seq_len."""
     build_orders(cfg.data, cfg.seed)
+    for spec in cfg.eval.sets:
+        splits = load_manifest(spec.path)["splits"]
+        if spec.split not in splits:
+            raise ConfigError(
+                f"eval set {spec.name!r}: {spec.path} has no split {spec.split!r} (has "
+                f"{sorted(splits)}); prepare it with heldout_fraction > 0"
+            )
     if cfg.augment.enabled:
         Augmenter(cfg.augment)  # unreadable lexicon, bad callable, ... fail here
     model_paths = [p for p in (cfg.model.path, cfg.model.tokenizer_path) if p]
     if not any(storage.is_remote(p) for p in model_paths):
-        check_compatible(model_config(cfg.model)[0], load_tokenizer(cfg.model), cfg.data.seq_len)
+        tokenizer = load_tokenizer(cfg.model)
+        check_compatible(model_config(cfg.model)[0], tokenizer, cfg.data.seq_len)
+        vocab.extend_tokenizer(tokenizer, vocab.domain_terms(cfg.model))  # bad terms fail here
+    faults.check_shards(cfg.data)
+    if cfg.model.trust_remote_code:
+        log.warning(
+            "model.trust_remote_code is ON: loading %s will execute Python code shipped with the "
+            "model on every worker; turn it off unless you trust its source",
+            cfg.model.path or cfg.model.tokenizer_path,
+        )
+    faults.probe_storage(cfg.storage_path)  # an unwritable bucket fails now, not at step N
 
 
 def uses_pool(cfg: CPTConfig) -> bool:
@@ -85,6 +104,7 @@ def build_trainer(cfg: CPTConfig, start_from: str | None = None) -> TorchTrainer
         train_loop_config={
             "cpt": cfg.model_dump(mode="json"),
             "start_from": start_from,
+            "cwd": os.getcwd(),
             "augment_app": augment_pool.app_name(cfg.name) if uses_pool(cfg) else None,
         },
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
@@ -97,7 +117,11 @@ def build_trainer(cfg: CPTConfig, start_from: str | None = None) -> TorchTrainer
             name=cfg.name,
             storage_path=path,
             storage_filesystem=fs,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.checkpoint.num_to_keep,
+                checkpoint_score_attribute=cfg.checkpoint.score_metric,
+                checkpoint_score_order=cfg.checkpoint.score_order,
+            ),
             failure_config=ray.train.FailureConfig(max_failures=cfg.failure.max_failures),
             worker_runtime_env={"env_vars": worker_env(cfg)},
         ),
@@ -114,11 +138,20 @@ def run(cfg: CPTConfig, start_from: str | None = None) -> ray.train.Result:
     trainer = build_trainer(cfg, start_from)  # pre-flight checks before any pool starts
     app = augment_pool.deploy(cfg.augment, cfg.name) if uses_pool(cfg) else None
     try:
+        faults.clear_stop_record(run_dir(cfg))
         result = trainer.fit()
     finally:
         if app:
             augment_pool.shutdown(app)
-    log.info("run %s finished: %s", cfg.name, result.metrics)
+    faults.raise_if_stopped(run_dir(cfg))
+    if result.metrics and result.metrics.get("preempted"):
+        log.warning(
+            "run %s was pre-empted (SIGTERM) and checkpointed at step %s: run it again to resume",
+            cfg.name,
+            result.metrics.get("step"),
+        )
+    else:
+        log.info("run %s finished: %s", cfg.name, result.metrics)
     return result
 
 

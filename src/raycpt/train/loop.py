@@ -11,12 +11,13 @@ import ray.train
 import torch
 import torch.distributed as dist
 
-from raycpt import augment_pool
+from raycpt import augment_pool, storage
 from raycpt import checkpoint as ckpt
 from raycpt.augment import strength_at
 from raycpt.config import CPTConfig
 from raycpt.loader import CPTDataLoader, DataExhausted, Layout
 from raycpt.prepare import load_manifest
+from raycpt.train import adapters, faults, reshard
 from raycpt.train.engine import (
     build_model,
     build_optimizer,
@@ -24,6 +25,8 @@ from raycpt.train.engine import (
     load_tokenizer,
     resolve_precision,
 )
+from raycpt.train.evaluation import Evaluator, eval_history, stop_reason
+from raycpt.train.faults import StepFaults, StepVerdict
 
 log = logging.getLogger(__name__)
 PROBE_LEN = 32
@@ -77,7 +80,19 @@ class Worker:
         self.history: list[dict] = []  # every reported metrics window, kept in checkpoints
         self.segments: list[list[int]] = []  # [first step, last step] of each attempt
         self.started_from: str | None = None  # the checkpoint a new run / stage started from
+        self.early_stop: str | None = None  # why the run stopped early, once it has
+        self.ckpt_stats: list[float] | None = None  # last save: write s, upload s, bytes
+        self.evaluator = Evaluator(
+            cfg.eval,
+            self.tokenizer,
+            cfg.data.seq_len,
+            cfg.train.micro_batch_size,
+            self.rank,
+            self.world,
+        )
+        t0 = time.perf_counter()
         self.step, data_states = self._restore(start_from)
+        self.restore_s = time.perf_counter() - t0 if data_states else None  # first window
         self.segments.append([self.step, self.step])
         layout = Layout(
             self.rank,
@@ -97,6 +112,7 @@ class Worker:
         self._add_embedding_noise(model)
         self.manifests = _manifest_ids(cfg) if self.rank == 0 else {}
         self.loader_state: dict | None = None
+        self.faults = StepFaults(cfg.failure, self.precision, self.history)
 
     def _transform(self, augment_app: str | None):
         """The reader's augmentation: the run's actor pool, in-process, or none."""
@@ -124,31 +140,23 @@ class Worker:
         model.get_input_embeddings().register_forward_hook(hook)
 
     def _load_engine(self, folder: str, old_world: int, weights_only: bool = False) -> dict:
-        """Load model, optimizer and scheduler state; with a different worker count, the weights
-        and LR position only (DeepSpeed's ZeRO-1/2 optimizer shards are laid out per
-        data-parallel rank; their universal conversion is not wired in yet)."""
-        if old_world == self.world and weights_only:
-            _, client = self.engine.load_checkpoint(folder, tag=ckpt.DS_TAG, load_module_only=True)
-        elif old_world == self.world:
+        """Load model, optimizer and scheduler state (the weights only for a new run or stage).
+        A checkpoint from another worker count is re-partitioned (`reshard`)."""
+        if weights_only:
+            # With another worker count, load_optimizer_states=False makes DeepSpeed gather the
+            # full weights from every worker's shard (ZeRO-3 needs that); with the same count
+            # each worker reads only its own part.
+            _, client = self.engine.load_checkpoint(
+                folder,
+                tag=ckpt.DS_TAG,
+                load_module_only=True,
+                load_optimizer_states=old_world == self.world,
+            )
+        elif old_world == self.world or self.cfg.deepspeed.zero_stage == 0:
+            # without ZeRO the optimizer state is saved whole: any worker count can load it
             _, client = self.engine.load_checkpoint(folder, tag=ckpt.DS_TAG)
         else:
-            if self.cfg.deepspeed.zero_stage == 3:
-                raise ckpt.CheckpointError(
-                    f"this ZeRO-3 checkpoint was written by {old_world} workers; resuming on "
-                    f"{self.world} is not supported yet: resume with scaling.num_workers: "
-                    f"{old_world}, or export it and start a new run from the export"
-                )
-            _, client = self.engine.load_checkpoint(folder, tag=ckpt.DS_TAG, load_module_only=True)
-            if client is not None and not weights_only:
-                self.scheduler.last_epoch = client["step"] - 1
-                self.scheduler.step()  # the schedule is a function of the step: same LR
-            if self.rank == 0 and not weights_only:
-                log.warning(
-                    "worker count changed %d -> %d: weights, LR position and data "
-                    "position restored; Adam moments start afresh",
-                    old_world,
-                    self.world,
-                )
+            client = reshard.load_resharded(self.engine, folder, old_world)
         if client is None:
             raise ckpt.CheckpointError(f"DeepSpeed could not load the checkpoint in {folder}")
         return client
@@ -175,6 +183,8 @@ class Worker:
             self.history = meta.get("history", [])
             self.segments = meta.get("segments", [])
             self.started_from = meta.get("started_from")
+            self.evaluator.base = meta.get("eval_base")
+            self.early_stop = meta.get("early_stop")
         finally:
             if ctx:
                 ctx.__exit__(None, None, None)
@@ -194,10 +204,13 @@ class Worker:
             losses.append(loss.detach().float())
         return torch.stack(losses).mean().item()
 
-    def mean_over_workers(self, values: list[float]) -> list[float]:
+    def sum_over_workers(self, values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
-        return (t / self.world).tolist()
+        return t.tolist()
+
+    def mean_over_workers(self, values: list[float]) -> list[float]:
+        return [v / self.world for v in self.sum_over_workers(values)]
 
     def probe_logits(self) -> dict:
         """Logits of the trained engine on a fixed batch, for export to verify itself against."""
@@ -233,31 +246,58 @@ class Worker:
                 "counters": self.loader.counters(),
                 "history": self.history,
                 "segments": self.segments,
+                "eval_base": self.evaluator.base,
+                "early_stop": self.early_stop,
+                "score": metrics.get(self.cfg.checkpoint.score_metric or ""),
             }
+        t0 = time.perf_counter()
         folder = ckpt.write_local(
             self.engine,
             self.step,
             self.rank,
             data_state,
             meta,
-            (self.model_config, self.tokenizer) if self.rank == 0 else None,
+            (self.model_config, self.tokenizer, *adapters.peft_configs(self.engine.module))
+            if self.rank == 0
+            else None,
         )
         if probe is not None and self.rank == 0:
             torch.save(probe, os.path.join(folder, ckpt.PROBE))
+        t1 = time.perf_counter()
+        size = ckpt.folder_bytes(folder)
         try:
             ray.train.report(
                 metrics,
                 checkpoint=ray.train.Checkpoint.from_directory(folder),
                 checkpoint_dir_name=ckpt.dir_name(self.step),
+                checkpoint_upload_fn=self._upload,
             )
         finally:
             ckpt.remove_local(folder)
+        # reported with the next metrics window: this one has already gone out
+        self.ckpt_stats = [t1 - t0, time.perf_counter() - t1, size]
+
+    def _upload(self, checkpoint: ray.train.Checkpoint, dir_name: str) -> ray.train.Checkpoint:
+        """This worker's part of a checkpoint, into the run's folder (see storage.upload_dir)."""
+        dest = storage.join(self.cfg.storage_path, self.cfg.name, dir_name)
+        storage.upload_dir(checkpoint.path, dest)
+        fs, path = storage.filesystem(dest)
+        return ray.train.Checkpoint(path=path, filesystem=fs)
 
     def fit(self) -> None:
         cfg = self.cfg
         window = {"loss": 0.0, "steps": 0, "t0": time.perf_counter(), "wait0": 0.0}
         tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
         saved_step = self.step
+        if self.early_stop:
+            if self.rank == 0:
+                log.warning("this run already stopped early (%s): nothing to do", self.early_stop)
+            self.loader.close()
+            return
+        if self.step == 0 and self.evaluator:  # the base model: the reference for gain/forgetting
+            metrics = {"step": 0, "tokens": 0, **self._evaluate()}
+            self.history.append(metrics)
+            ray.train.report(metrics)
         while self.step < cfg.train.max_steps:
             data = self._next_step()
             if data is None:
@@ -265,26 +305,108 @@ class Worker:
             loss = self.train_step(data.micro_batches)
             self.step += 1
             self.loader_state = data.state
-            window["loss"] += loss
-            window["steps"] += 1
-            is_ckpt = self.step % cfg.checkpoint.every_steps == 0
+            verdict = self._check_step(loss)  # collective: NaN/Inf and SIGTERM (faults.py)
+            if verdict.action == "stop":
+                return  # reported; nothing is saved after the last good checkpoint
+            if verdict.action == "rollback":
+                window.update(loss=0.0, steps=0)  # the rolled-back steps' losses are void
+                continue
+            if verdict.action == "train":  # a skipped step's loss is not in the metrics
+                window["loss"] += loss
+                window["steps"] += 1
+            is_ckpt = self.step % cfg.checkpoint.every_steps == 0 or verdict.preempted
             is_last = self.step == cfg.train.max_steps
-            if not (self.step % cfg.train.log_every == 0 or is_ckpt or is_last):
+            is_eval = self.evaluator.due(self.step, is_last)
+            if not (self.step % cfg.train.log_every == 0 or is_ckpt or is_last or is_eval):
                 continue
             metrics = self._window_metrics(window, tokens_per_step)
+            if is_eval:
+                metrics.update(self._evaluate())
+                self.early_stop = stop_reason(
+                    eval_history(self.history + [metrics]), cfg.eval.early_stop
+                )
             self.history.append(metrics)
             self.segments[-1][1] = self.step
-            if is_ckpt or is_last:
-                self.save(metrics, final=is_last)
+            if is_ckpt or is_last or self.early_stop:
+                self.save(metrics, final=is_last or bool(self.early_stop))
                 saved_step = self.step
             else:
                 ray.train.report(metrics)
             window.update(loss=0.0, steps=0, t0=time.perf_counter(), wait0=self.loader.wait_s)
+            if verdict.preempted:
+                if self.rank == 0:
+                    log.warning("pre-empted (SIGTERM): checkpoint at step %d taken", self.step)
+                break
+            if self.early_stop:
+                if self.rank == 0:
+                    log.warning("stopping early at step %d: %s", self.step, self.early_stop)
+                break
         if self.step > saved_step:  # the data ran out before max_steps: keep what was trained
-            self.history.append(self._window_metrics(window, tokens_per_step))
+            metrics = self._window_metrics(window, tokens_per_step)
+            if self.evaluator:
+                metrics.update(self._evaluate())
+            self.history.append(metrics)
             self.segments[-1][1] = self.step
             self.save(self.history[-1], final=True)
         self.loader.close()
+
+    def _check_step(self, loss: float) -> StepVerdict:
+        """Apply the run's fault policy after a step: roll back here, or report a stop."""
+        verdict = self.faults.after_step(self.step, loss, self.engine, self.mean_over_workers)
+        if verdict.action == "rollback":
+            try:
+                self.step = faults.rollback(self)
+            except faults.RunStopped as err:
+                verdict.action, verdict.reason = "stop", str(err)
+        if verdict.action == "stop":
+            self.stop_run(verdict.reason)
+        return verdict
+
+    def stop_run(self, reason: str) -> None:
+        """End the run on purpose: worker 0 records why, and the driver raises it."""
+        if self.rank == 0:
+            log.error("stopping the run at step %d: %s", self.step, reason)
+            faults.record_stop(
+                storage.join(self.cfg.storage_path, self.cfg.name), self.step, reason
+            )
+        ray.train.report({"step": self.step, **self.faults.metrics()})
+        self.loader.close()
+
+    def preflight(self) -> bool:
+        """The pre-flight step on every worker (collective), then arm the fault handlers;
+        False (after reporting why) when the run cannot train."""
+        cfg = self.cfg
+        error = None
+        if cfg.failure.preflight_step:
+            error = faults.dry_run_step(
+                self.engine,
+                cfg.train.micro_batch_size,
+                cfg.data.seq_len,
+                len(self.tokenizer),
+                self.device,
+            )
+        errors = [None] * self.world
+        dist.all_gather_object(errors, error)
+        if any(errors):
+            rank = next(i for i, e in enumerate(errors) if e)
+            self.stop_run(f"worker {rank}: {errors[rank]}")
+            return False
+        faults.watch_sigterm()
+        if cfg.failure.debug_nan_steps and self.rank == 0:
+            faults.inject_nan(self.engine.module, cfg.failure.debug_nan_steps, lambda: self.step)
+        return True
+
+    def _evaluate(self) -> dict:
+        t0 = time.perf_counter()
+        metrics = self.evaluator.evaluate(self.engine, self.device, self.sum_over_workers)
+        metrics["eval_s"] = time.perf_counter() - t0
+        if self.rank == 0:
+            log.info(
+                "step %d eval: %s",
+                self.step,
+                ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k.count("/") == 2),
+            )
+        return metrics
 
     def _next_step(self):
         """The next step's data, or None once any worker's data ran out (decided collectively)."""
@@ -312,16 +434,31 @@ class Worker:
             "lr": self.scheduler.get_last_lr()[0],
             "tokens": self.step * tokens_per_step,
             "tokens_per_s": window["steps"] * tokens_per_step / max(elapsed, 1e-9),
+            "wall_time": time.time(),  # for rates across windows, reports included
             "data_wait_frac": wait_frac,
+            **self.faults.metrics(),
             **{f"tokens/{k}": v for k, v in self.loader_state["tokens_per_source"].items()},
         }
         aug = self.loader.counters()
         if aug:  # summed over workers
             keys = sorted(aug)
             values = self.mean_over_workers([float(aug[k]) for k in keys])
-            metrics.update({k: round(v * self.world) for k, v in zip(keys, values)})
+            metrics.update({k: round(v * self.world) for k, v in zip(keys, values, strict=True)})
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
+        if self.restore_s is not None:
+            metrics["ckpt/restore_s"] = self.mean_over_workers([self.restore_s])[0]
+            self.restore_s = None
+        if self.ckpt_stats is not None:  # every worker saved at the same step
+            write_s, upload_s, size = self.sum_over_workers(self.ckpt_stats)
+            metrics.update(
+                {
+                    "ckpt/write_s": write_s / self.world,
+                    "ckpt/upload_s": upload_s / self.world,
+                    "ckpt/bytes": size,
+                }
+            )
+            self.ckpt_stats = None
         if self.rank == 0:
             log.info("step %(step)d loss %(loss).4f lr %(lr).2e %(tokens_per_s).0f tok/s", metrics)
         return metrics
@@ -330,5 +467,12 @@ class Worker:
 def train_loop_per_worker(config: dict) -> None:
     """Entry point run by every Ray Train worker; ``config`` carries the run config as a dict."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # Ray Train moves each worker into a folder of its own; relative paths in the config mean
+    # the driver's folder (which exists here on a local cluster, and as the job's working_dir on
+    # every node of a remote one).
+    if config.get("cwd") and os.path.isdir(config["cwd"]):
+        os.chdir(config["cwd"])
     cfg = CPTConfig.model_validate(config["cpt"])
-    Worker(cfg, config.get("start_from"), config.get("augment_app")).fit()
+    worker = Worker(cfg, config.get("start_from"), config.get("augment_app"))
+    if worker.preflight():
+        worker.fit()
