@@ -34,7 +34,8 @@ RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 # The project's dependencies, read from pyproject.toml (not a second list kept in sync by hand).
 # This layer only rebuilds when pyproject.toml changes.
 COPY --chown=1000:100 pyproject.toml ./
-RUN python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; print('\n'.join(deps))" > /tmp/requirements.txt
+# Core dependencies plus the cluster-side extras: LoRA (peft). Not `k8s`: that is the submitter's.
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; deps = p['dependencies'] + p['optional-dependencies']['lora']; print('\n'.join(deps))" > /tmp/requirements.txt
 
 # DeepSpeed first, with its ops pre-built against the torch above (hence no build isolation):
 # FusedAdam (the GPU optimizer), CPUAdam (ZeRO-Offload) and the flatten/unflatten utils ZeRO uses.

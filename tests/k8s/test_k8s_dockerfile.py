@@ -50,10 +50,14 @@ def pyproject() -> dict:
     return tomllib.loads((REPO / "pyproject.toml").read_text())
 
 
+def image_requirements() -> list[str]:
+    """What the image installs: the core dependencies and the cluster-side `lora` extra."""
+    project = pyproject()["project"]
+    return project["dependencies"] + project["optional-dependencies"]["lora"]
+
+
 def requirements() -> dict[str, Requirement]:
-    return {
-        Requirement(r).name.lower(): Requirement(r) for r in pyproject()["project"]["dependencies"]
-    }
+    return {Requirement(r).name.lower(): Requirement(r) for r in image_requirements()}
 
 
 def base_image() -> re.Match:
@@ -94,7 +98,7 @@ def test_torch_is_the_base_images_cuda_build_within_pyprojects_range():
 def test_dependencies_come_from_pyproject_not_a_second_list():
     runs = [rest for keyword, rest in instructions() if keyword == "RUN"]
     joined = " ".join(runs)
-    assert "['project']['dependencies']" in joined
+    assert "['dependencies']" in joined and "['optional-dependencies']['lora']" in joined
     assert "pip install -r /tmp/requirements.txt" in joined
     assert "pip install --no-deps ." in joined
     # No pyproject dependency is pinned again by hand (torch comes in through TORCH_VERSION).
@@ -114,7 +118,7 @@ def test_requirement_extraction_runs_on_the_real_pyproject(tmp_path):
     argv[0] = shutil.which("python3") or argv[0]
     proc = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, check=True)
     lines = proc.stdout.splitlines()
-    assert lines == pyproject()["project"]["dependencies"]
+    assert lines == image_requirements()
     deepspeed = [line for line in lines if re.match(r"^deepspeed", line)]
     assert deepspeed == [str(requirements()["deepspeed"])]
     assert "==" in deepspeed[0]
