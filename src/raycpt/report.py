@@ -72,26 +72,34 @@ def plot_loss_lr(train: list[dict]) -> bytes:
     )
 
 
-def plot_perplexity(evals: list[dict]) -> bytes:
-    fig, ax = _figure("held-out perplexity vs the base model (1.0 = base)")
+def _per_role(evals: list[dict], title: str, metric: str, label: str, ylabel: str):
+    """One line per evaluation role (domain, general) of ``eval/<role>/<metric>``."""
+    fig, ax = _figure(title)
     for role, style in (("domain", "-o"), ("general", "-s")):
-        xs, ys = _series(evals, f"{PREFIX}{role}/ppl_vs_base")
+        xs, ys = _series(evals, f"{PREFIX}{role}/{metric}")
         if xs:
-            ax.plot(xs, ys, style, label=f"{role} (ppl / base ppl)")
-    ax.axhline(1.0, color="grey", lw=0.8)
-    ax.set_ylabel("relative perplexity")
+            ax.plot(xs, ys, style, label=f"{role} {label}")
+    ax.set_ylabel(ylabel)
     ax.legend()
+    return fig, ax
+
+
+def plot_perplexity(evals: list[dict]) -> bytes:
+    fig, ax = _per_role(
+        evals,
+        "held-out perplexity vs the base model (1.0 = base)",
+        "ppl_vs_base",
+        "(ppl / base ppl)",
+        "relative perplexity",
+    )
+    ax.axhline(1.0, color="grey", lw=0.8)
     return _png(fig)
 
 
 def plot_calibration(evals: list[dict]) -> bytes:
-    fig, ax = _figure("next-token calibration (expected calibration error)")
-    for role in ("domain", "general"):
-        xs, ys = _series(evals, f"{PREFIX}{role}/ece")
-        if xs:
-            ax.plot(xs, ys, "-o", label=f"{role} ECE")
-    ax.set_ylabel("ECE")
-    ax.legend()
+    fig, _ = _per_role(
+        evals, "next-token calibration (expected calibration error)", "ece", "ECE", "ECE"
+    )
     return _png(fig)
 
 

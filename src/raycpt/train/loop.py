@@ -319,14 +319,9 @@ class Worker:
             is_eval = self.evaluator.due(self.step, is_last)
             if not (self.step % cfg.train.log_every == 0 or is_ckpt or is_last or is_eval):
                 continue
-            metrics = self._window_metrics(window, tokens_per_step)
+            metrics = self._close_window(window, tokens_per_step, evaluate=is_eval)
             if is_eval:
-                metrics.update(self._evaluate())
-                self.early_stop = stop_reason(
-                    eval_history(self.history + [metrics]), cfg.eval.early_stop
-                )
-            self.history.append(metrics)
-            self.segments[-1][1] = self.step
+                self.early_stop = stop_reason(eval_history(self.history), cfg.eval.early_stop)
             if is_ckpt or is_last or self.early_stop:
                 self.save(metrics, final=is_last or bool(self.early_stop))
                 saved_step = self.step
@@ -342,13 +337,19 @@ class Worker:
                     log.warning("stopping early at step %d: %s", self.step, self.early_stop)
                 break
         if self.step > saved_step:  # the data ran out before max_steps: keep what was trained
-            metrics = self._window_metrics(window, tokens_per_step)
-            if self.evaluator:
-                metrics.update(self._evaluate())
-            self.history.append(metrics)
-            self.segments[-1][1] = self.step
-            self.save(self.history[-1], final=True)
+            metrics = self._close_window(window, tokens_per_step, evaluate=bool(self.evaluator))
+            self.save(metrics, final=True)
         self.loader.close()
+
+    def _close_window(self, window: dict, tokens_per_step: int, evaluate: bool) -> dict:
+        """The metrics of the steps since the last report (with an evaluation if asked),
+        recorded in the run's history."""
+        metrics = self._window_metrics(window, tokens_per_step)
+        if evaluate:
+            metrics.update(self._evaluate())
+        self.history.append(metrics)
+        self.segments[-1][1] = self.step
+        return metrics
 
     def _check_step(self, loss: float) -> StepVerdict:
         """Apply the run's fault policy after a step: roll back here, or report a stop."""
@@ -442,8 +443,8 @@ class Worker:
         aug = self.loader.counters()
         if aug:  # summed over workers
             keys = sorted(aug)
-            values = self.mean_over_workers([float(aug[k]) for k in keys])
-            metrics.update({k: round(v * self.world) for k, v in zip(keys, values, strict=True)})
+            values = self.sum_over_workers([float(aug[k]) for k in keys])
+            metrics.update({k: round(v) for k, v in zip(keys, values, strict=True)})
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
         if self.restore_s is not None:
