@@ -7,6 +7,8 @@ export rebuilds the same wrapped model without the run config.
 
 from __future__ import annotations
 
+import contextlib
+
 from raycpt.config import LoraConfig
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -42,10 +44,60 @@ def peft_config(cfg: LoraConfig, model, new_token_ids: list[int]):
 
 
 def apply_lora(model, cfg: LoraConfig, new_token_ids: list[int]):
-    """`model` wrapped by peft: only adapters (and the chosen embedding rows) require grad."""
+    """`model` wrapped by peft: only adapters (and the chosen embedding rows) require grad.
+
+    Under ZeRO-3 (parameters already partitioned) the trainable token rows need the two
+    fixes below; everything else of peft works on partitioned parameters as it is."""
     import peft
 
-    return peft.get_peft_model(model, peft_config(cfg, model, new_token_ids))
+    config = peft_config(cfg, model, new_token_ids)
+    if not _partitioned(model):
+        return peft.get_peft_model(model, config)
+    with _token_rows_initialised_gathered(model):
+        model = peft.get_peft_model(model, config)
+    _gather_token_rows_in_forward(model)
+    return model
+
+
+def _partitioned(model) -> bool:
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+@contextlib.contextmanager
+def _token_rows_initialised_gathered(model):
+    """peft's own ZeRO-3 initialisation of the token rows
+    (``TrainableTokensLayer._collect_token_weights``) gathers the embedding on rank 0 and
+    broadcasts into a receive buffer it always puts on CUDA, so it fails on CPU workers. Instead
+    gather the embeddings whole on every rank and let peft copy the rows as it does without
+    ZeRO (same values on every rank, on any device)."""
+    import deepspeed
+    from peft.tuners.trainable_tokens import layer
+
+    emb_out = model.get_output_embeddings()
+    weights = [model.get_input_embeddings().weight]
+    weights += [emb_out.weight] if emb_out is not None else []
+    check = layer.check_deepspeed_zero3_enabled
+    layer.check_deepspeed_zero3_enabled = lambda: False  # only this module's view; restored below
+    try:
+        with deepspeed.zero.GatheredParameters(list({id(w): w for w in weights}.values())):
+            yield
+    finally:
+        layer.check_deepspeed_zero3_enabled = check
+
+
+def _gather_token_rows_in_forward(model) -> None:
+    """ZeRO-3 gathers a module's own parameters around its forward and backward. peft's token
+    layer instead reads the base embedding's weight and its row delta (held in a ParameterDict;
+    a tied lm_head's layer reads the input layer's) without calling their modules, so it would
+    see empty partitions: register them with DeepSpeed as the layer's external parameters."""
+    import deepspeed
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    for module in model.modules():
+        if isinstance(module, TrainableTokensLayer):
+            deltas = list(module.trainable_tokens_delta.values())
+            for param in [module.get_base_layer().weight, *deltas]:
+                deepspeed.zero.register_external_parameter(module, param)
 
 
 def wrap_saved(model, hf_dir: str):
