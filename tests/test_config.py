@@ -59,6 +59,22 @@ def test_bad_values_name_key_and_fix(key, value, expect):
         assert text in str(err.value)
 
 
+def test_elastic_range_must_hold_the_global_batch():
+    """Every worker count an elastic run may shrink or grow to must split the global batch."""
+    cfg = valid()
+    cfg["train"].update(micro_batch_size=1, global_batch_size=12)
+    cfg["scaling"] = {"num_workers": 4, "min_workers": 2}
+    parsed = parse_config(cfg)  # 2, 3 and 4 all divide 12
+    assert parsed.scaling.elastic and parsed.scaling.worker_counts == [2, 3, 4]
+    cfg["train"]["global_batch_size"] = 8
+    with pytest.raises(ConfigError) as err:
+        parse_config(cfg)
+    assert "worker counts [3]" in str(err.value) and "a multiple of 12 (e.g. 12)" in str(err.value)
+    cfg["scaling"] = {"num_workers": 2, "min_workers": 3}
+    with pytest.raises(ConfigError, match=r"min_workers \(3\) must not exceed"):
+        parse_config(cfg)
+
+
 def test_unknown_key_is_rejected_with_its_path():
     cfg = valid()
     cfg["train"]["learning_rate"] = 1e-3

@@ -2,14 +2,19 @@
 storage that cannot be written and a forward pass that cannot run fail before training; a NaN
 loss (injected by the documented failure.debug_nan_steps option) is skipped, rolled back or
 stops the run, as configured; SIGTERM to one worker process checkpoints the run at the next
-step and the next start resumes there without losing or repeating a document."""
+step and the next start resumes there without losing or repeating a document; a checkpoint
+upload through a cut network path is retried and the run goes on, and one that cannot be written
+stops the run with a clear error, the previous checkpoint resuming."""
 
 import hashlib
+import json
 import logging
 import math
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 import types
@@ -18,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port, wait_port
 from test_loader import docs_of
 
 from raycpt import checkpoint as ckpt
@@ -343,3 +349,157 @@ def test_kill_during_save_resumes_from_the_previous_checkpoint(
     shutil.copytree(os.path.join(run, ckpt.dir_name(60)), leftover)
     assert [s for s, _ in ckpt.list_checkpoints(run)] == [20, 40, 60]
     assert ckpt.resolve(run).endswith(ckpt.dir_name(60))
+
+
+# ---------------------------------------------------------------------------------------------
+# Storage faults on the write side: checkpoints on the loopback S3 server (moto, with auth)
+# ---------------------------------------------------------------------------------------------
+
+WRITE_FAULT_RUN = {
+    "train__log_every": 2,
+    "checkpoint__every_steps": 2,
+    "checkpoint__num_to_keep": None,
+    "data__log_documents": True,
+}
+
+
+def s3_root(s3_server) -> str:
+    return f"s3://{s3_server['bucket']}/write-faults"
+
+
+def start_proxy(port: int, s3_server) -> subprocess.Popen:
+    """tests/tcp_proxy.py forwarding `port` to the S3 server; killing it cuts the path."""
+    cmd = [sys.executable, str(Path(__file__).with_name("tcp_proxy.py")), str(port)]
+    proc = subprocess.Popen([*cmd, "127.0.0.1", str(s3_server["port"])])
+    wait_port(port)
+    return proc
+
+
+def cut_endpoint_once(s3_server, key: str, port: int, proxy: list, seconds: float):
+    """Once `key` exists on the S3 server (asked directly, not through the proxy), kill the
+    proxy (connections reset, then refused) and start it again `seconds` later."""
+    import boto3
+
+    direct = boto3.client("s3", endpoint_url=s3_server["endpoint"], region_name="us-east-1")
+
+    def run():
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            if direct.list_objects_v2(Bucket=s3_server["bucket"], Prefix=key).get("KeyCount"):
+                break
+            time.sleep(0.02)
+        proxy[0].kill()
+        proxy[0].wait()
+        time.sleep(seconds)
+        proxy.append(start_proxy(port, s3_server))
+
+    return in_background(run)
+
+
+def checkpoint_files(location: str) -> set[str]:
+    """The files of a checkpoint, relative to its folder (the final one's probe left out)."""
+    from raycpt import storage
+
+    names = {loc[len(location) + 1 :] for loc, _ in storage.list_objects(location)}
+    return names - {ckpt.PROBE}
+
+
+@pytest.mark.slow
+def test_a_network_cut_during_checkpoint_uploads_is_retried_and_the_run_goes_on(
+    ray_cluster, s3_server, run_config, monkeypatch, record_property
+):
+    """The run's only path to S3 is cut for 2 s just after the step-2 checkpoint is stored, so
+    the next upload runs into it: botocore's retries carry it over, the run finishes without a
+    restart, the retries show in the metrics, and every checkpoint is complete."""
+    from raycpt import storage
+
+    port = free_port()
+    proxy = [start_proxy(port, s3_server)]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")  # driver and workers
+    storage._S3.reset()
+    cfg = parse_config(
+        run_config(
+            name="cut", storage_path=s3_root(s3_server), train__max_steps=12, **WRITE_FAULT_RUN
+        )
+    )
+    try:
+        key = f"write-faults/cut/{ckpt.dir_name(2)}/{ckpt.META}"
+        watcher = cut_endpoint_once(s3_server, key, port, proxy, seconds=2.0)
+        result = launch.run(cfg)
+        watcher.join()
+    finally:
+        for p in proxy:
+            p.kill()
+        monkeypatch.undo()
+        storage._S3.reset()
+    assert len(proxy) == 2, "the endpoint was not cut"
+    meta = latest_meta(cfg)
+    assert result.metrics["step"] == 12 and meta["segments"] == [[0, 12]]  # no restart
+    retries = sum(h.get("ckpt/upload_retries", 0) for h in meta["history"])
+    record_property("upload_retries", retries)  # for RELIABILITY.md (--junitxml)
+    assert retries > 0
+    checkpoints = ckpt.list_checkpoints(launch.run_dir(cfg))
+    assert [s for s, _ in checkpoints] == [2, 4, 6, 8, 10, 12]
+    first = checkpoint_files(checkpoints[0][1])
+    assert {"data/rank-00000.json", "data/rank-00001.json", ckpt.META} <= first
+    for step, location in checkpoints:
+        assert checkpoint_files(location) == first, f"checkpoint {step} is incomplete"
+        assert ckpt.read_meta(ckpt.fetch(location))["step"] == step
+
+
+def train_workers_started() -> int:
+    """Ray Train worker actors this Ray cluster has started, alive or dead."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=10000)
+    return len(actors)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_and_the_previous_one_resumes(
+    ray_cluster, s3_server, run_config, record_property
+):
+    """An IAM policy denies writing worker 1's optimizer shard of checkpoint 4 (a permanent
+    fault: AccessDenied is not retried). The run stops at once with one error naming the step,
+    the object and the cause, without FailureConfig restarts; worker 0's part of checkpoint 4 is
+    removed, checkpoint 2 stays the latest, and the next start resumes there and finishes with
+    the documents of an undisturbed run."""
+    import boto3
+
+    from raycpt import storage
+
+    common = {**WRITE_FAULT_RUN, "train__max_steps": 6, "failure": {"max_failures": 3}}
+    cfg = parse_config(run_config(name="denied", storage_path=s3_root(s3_server), **common))
+    run = launch.run_dir(cfg)
+    shard = f"{run}/{ckpt.dir_name(4)}/ds/zero_pp_rank_1_".removeprefix("s3://")
+    deny = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {"Effect": "Deny", "Action": "s3:PutObject", "Resource": f"arn:aws:s3:::{shard}*"}
+        ],
+    }
+    iam = boto3.client("iam", endpoint_url=s3_server["endpoint"], region_name="us-east-1")
+    iam.put_user_policy(UserName="raycpt", PolicyName="deny", PolicyDocument=json.dumps(deny))
+    started = train_workers_started()
+    try:
+        with pytest.raises(faults.RunStopped) as stopped:
+            launch.run(cfg)
+    finally:
+        iam.delete_user_policy(UserName="raycpt", PolicyName="deny")
+    message = str(stopped.value)
+    record_property("stop_message", message)  # for RELIABILITY.md (--junitxml)
+    assert f"checkpoint {ckpt.dir_name(4)} (step 4) could not be written to {run}/" in message
+    assert f"worker 1: s3://{shard}mp_rank_00_optim_states.pt: access denied" in message
+    assert "(AccessDenied)" in message
+    assert f"the latest restorable checkpoint is {ckpt.dir_name(2)} ({run}/" in message
+    assert train_workers_started() - started == 2  # one attempt: no restart re-trained steps
+    assert [s for s, _ in ckpt.list_checkpoints(run)] == [2]
+    assert storage.list_objects(f"{run}/{ckpt.dir_name(4)}") == []  # worker 0's part removed
+
+    launch.run(cfg)  # the storage is fixed: the next start resumes from checkpoint 2
+    meta = latest_meta(cfg)
+    assert meta["step"] == 6 and meta["segments"] == [[0, 2], [2, 6]]
+    assert [s for s, _ in ckpt.list_checkpoints(run)] == [2, 4, 6]
+    unbroken = parse_config(run_config(name="not-denied", **common))
+    launch.run(unbroken)
+    assert Counter(docs_of(cfg)) == Counter(docs_of(unbroken))

@@ -68,10 +68,16 @@ def write_local(
 ) -> str:
     """Write this worker's part of a checkpoint into a new local folder and return its path.
 
-    DeepSpeed's save is collective: every worker must call this at the same step.
+    DeepSpeed's save is collective: every worker must call this at the same step. The zip
+    CRC32s are not computed: torch.load never checks them (PyTorch's zip reader skips the
+    check; a flipped byte loads silently either way), and computing them doubles torch.save's
+    CPU time per byte (BENCHMARKS.md, "Checkpoint cost").
     """
+    from torch.utils.serialization import config as torch_serialization
+
     folder = tempfile.mkdtemp(prefix=f"raycpt-{dir_name(step)}-")
-    engine.save_checkpoint(folder, tag=DS_TAG, client_state={"step": step})
+    with torch_serialization.patch("save.compute_crc32", False):  # thread-local, this save only
+        engine.save_checkpoint(folder, tag=DS_TAG, client_state={"step": step})
     os.makedirs(os.path.join(folder, "data"), exist_ok=True)
     with open(os.path.join(folder, "data", f"rank-{rank:05d}.json"), "w") as f:
         json.dump(data_state, f)
@@ -109,6 +115,30 @@ def list_checkpoints(run: str) -> list[tuple[int, str]]:
     if partial:
         log.warning("ignoring checkpoint folders Ray Train never registered (partial): %s", partial)
     return [(step, loc) for step, loc in found if os.path.basename(loc) in registered]
+
+
+def remove_partial(run: str, after_step: int) -> list[str]:
+    """Delete the checkpoint folders past `after_step` that Ray Train never registered: the
+    leftovers of a save cut short, by a crash or a lost node, before a group restarted from
+    `after_step`. Its next save of such a step writes into a clean folder: with another worker
+    count the old attempt's extra files (its other ranks' shards and data states) would
+    otherwise mix with the new ones. Returns the folders removed."""
+    registered = registered_checkpoints(run)
+    if registered is None:
+        return []
+    stale = [
+        loc
+        for step, loc in step_folders(run)
+        if step > after_step and os.path.basename(loc) not in registered
+    ]
+    for loc in stale:
+        if storage.is_remote(loc):
+            storage.discard([obj for obj, _ in storage.list_objects(loc)])
+        else:
+            shutil.rmtree(storage.filesystem(loc)[1], ignore_errors=True)
+    if stale:
+        log.warning("removed checkpoint folders of a save that never completed: %s", stale)
+    return stale
 
 
 def registered_checkpoints(run: str) -> set[str] | None:

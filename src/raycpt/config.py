@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
@@ -201,8 +202,8 @@ class LoraConfig(_Section):
     trainable_embeddings: Literal["none", "new_tokens", "all"] = Field(
         "new_tokens",
         description="Embedding rows trained besides the adapters: new_tokens = only the rows of "
-        "added tokens (input and output; peft trainable_token_indices; ZeRO-0/1/2), all = the "
-        "whole input and output embeddings (peft modules_to_save; any ZeRO stage).",
+        "added tokens (input and output; peft trainable_token_indices), all = the whole input "
+        "and output embeddings (peft modules_to_save). Both work at every ZeRO stage.",
     )
 
 
@@ -631,12 +632,46 @@ class AugmentConfig(_Section):
 class ScalingConfig(_Section):
     """How many Ray Train workers and what each one asks for."""
 
-    num_workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU).")
+    num_workers: int = Field(
+        1, ge=1, description="Ray Train workers (one per GPU); the most an elastic run uses."
+    )
+    min_workers: int | None = Field(
+        None,
+        ge=1,
+        description="Elastic training: with fewer than num_workers placeable (nodes lost, spot "
+        "capacity reclaimed) the run goes on with as few as min_workers, and grows back when "
+        "capacity returns. Each resize restarts the workers from the latest checkpoint with the "
+        "same global batch (gradient accumulation absorbs the change). Unset: fixed size.",
+    )
+    resize_check_s: float = Field(
+        60.0,
+        gt=0.0,
+        description="Elastic training: how often a running group looks for room to grow.",
+    )
     use_gpu: bool = Field(False, description="One GPU per worker, NCCL; else CPU and gloo.")
     cpus_per_worker: float = Field(1.0, gt=0.0, description="CPUs each worker reserves.")
     resources_per_worker: dict[str, float] = Field(
         default_factory=dict, description="Extra Ray resources per worker."
     )
+
+    @model_validator(mode="after")
+    def _min_below_max(self) -> ScalingConfig:
+        if self.min_workers is not None and self.min_workers > self.num_workers:
+            raise ValueError(
+                f"scaling.min_workers ({self.min_workers}) must not exceed scaling.num_workers "
+                f"({self.num_workers})"
+            )
+        return self
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers is not None and self.min_workers < self.num_workers
+
+    @property
+    def worker_counts(self) -> list[int]:
+        """Every worker count the run may train with."""
+        low = self.min_workers if self.elastic else self.num_workers
+        return list(range(low, self.num_workers + 1))
 
 
 class StageConfig(_Section):
@@ -693,13 +728,26 @@ class CPTConfig(_Section):
 
     @model_validator(mode="after")
     def _batch_divides(self) -> CPTConfig:
-        per_step = self.train.micro_batch_size * self.scaling.num_workers
-        if self.train.global_batch_size % per_step:
+        """Every worker count the run may use must split the global batch evenly: that is what
+        keeps the optimisation the same when an elastic run shrinks or grows."""
+        micro, total = self.train.micro_batch_size, self.train.global_batch_size
+        counts = self.scaling.worker_counts
+        bad = [w for w in counts if total % (micro * w)]
+        if not bad:
+            return self
+        if len(counts) == 1:
             raise ValueError(
-                f"train.global_batch_size ({self.train.global_batch_size}) must be a multiple of "
-                f"train.micro_batch_size x scaling.num_workers ({per_step})"
+                f"train.global_batch_size ({total}) must be a multiple of "
+                f"train.micro_batch_size x scaling.num_workers ({micro * counts[0]})"
             )
-        return self
+        step = micro * math.lcm(*counts)
+        raise ValueError(
+            f"train.global_batch_size ({total}) is not a multiple of train.micro_batch_size x "
+            f"workers for the elastic worker counts {bad} (scaling.min_workers.."
+            f"num_workers = {counts[0]}..{counts[-1]}): the global batch could not be held "
+            f"there. Use a global_batch_size that is a multiple of {step} (e.g. "
+            f"{-(-total // step) * step}), or narrow the range"
+        )
 
     @model_validator(mode="after")
     def _eval_feeds_scores(self) -> CPTConfig:
@@ -724,21 +772,10 @@ class CPTConfig(_Section):
             raise ValueError("eval.early_stop.forgetting_budget needs a set with role: general")
         return self
 
-    @model_validator(mode="after")
-    def _token_rows_need_zero_le_2(self) -> CPTConfig:
-        """peft's trainable_token_indices reads the embedding outside its module's forward,
-        where ZeRO-3 has not gathered it; training whole embeddings works under ZeRO-3."""
-        lora, terms = self.model.lora, self.model.add_tokens or self.model.vocab_file
-        if lora and terms and lora.trainable_embeddings == "new_tokens":
-            if self.deepspeed.zero_stage == 3:
-                raise ValueError(
-                    "model.lora.trainable_embeddings: new_tokens does not work with "
-                    "deepspeed.zero_stage: 3; use trainable_embeddings: all, or zero_stage 2"
-                )
-        return self
-
     @property
     def grad_accum(self) -> int:
+        """Gradient accumulation at scaling.num_workers (an elastic run re-derives it from the
+        worker count it has, so that the global batch stays the same)."""
         return self.train.global_batch_size // (
             self.train.micro_batch_size * self.scaling.num_workers
         )

@@ -1,6 +1,7 @@
 """Faults a training run handles itself rather than dying hours in: a pre-flight step and a
-storage probe before training, non-finite steps (skip, roll back or stop) and pre-emption by
-SIGTERM (checkpoint at the next step boundary, then a clean exit).
+storage probe before training, non-finite steps (skip, roll back or stop), pre-emption by
+SIGTERM (checkpoint at the next step boundary, then a clean exit) and a checkpoint that cannot
+be stored (a clear stop, the previous checkpoint intact).
 
 Every decision that changes what the workers do next is taken collectively: each worker
 contributes its local view to one small all-reduce per step, so all of them act alike.
@@ -8,7 +9,6 @@ contributes its local view to one small all-reduce per step, so all of them act 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import posixpath
@@ -31,14 +31,16 @@ log = logging.getLogger(__name__)
 
 # Set by the SIGTERM handler of this worker process; read by the training thread.
 _SIGTERM = threading.Event()
-# Written into the run folder by worker 0 when the workers stop the run on purpose; the driver
-# raises with its reason. (Ray Train's Result only carries the metrics of the latest checkpoint,
-# and an error raised in a worker would be retried failure.max_failures times.)
-STOP_RECORD = "raycpt-stopped.json"
 
 
 class RunStopped(RuntimeError):
-    """The workers stopped the run on purpose (non-finite loss, failed pre-flight step)."""
+    """The workers stopped the run on purpose (non-finite loss, failed pre-flight step, a
+    checkpoint that could not be stored).
+
+    They end normally and worker 0 returns the reason (Ray Train's ``Result.return_value``),
+    which the driver raises: Ray Train's Result carries only the latest checkpoint's metrics,
+    an error raised in a worker would be retried failure.max_failures times, and a note written
+    to the run's storage would fail when that storage is the fault."""
 
 
 class PreflightError(RuntimeError):
@@ -302,16 +304,26 @@ def rollback(worker) -> int:
     return client["step"]
 
 
-def record_stop(run: str, step: int, reason: str) -> None:
-    """Worker 0: leave why the run stopped where the driver looks for it."""
-    storage.write_bytes(
-        storage.join(run, STOP_RECORD), json.dumps({"step": step, "reason": reason}).encode()
+def unsaved_checkpoint(
+    step: int, dest: str, error: str, run: str, latest: ray.train.Checkpoint | None
+) -> str:
+    """Why the run stops when checkpoint `step` could not be stored at `dest` (after the storage
+    client's retries): the cause, and what a run started again resumes from (`latest`, Ray
+    Train's last registered checkpoint, or none)."""
+    if latest is None:
+        after = "the run has no restorable checkpoint yet: a run started again begins anew"
+    else:
+        name = posixpath.basename(latest.path.rstrip("/"))
+        after = (
+            f"the latest restorable checkpoint is {name} ({storage.join(run, name)}): fix the "
+            "storage, then run again to resume from it"
+        )
+    return (
+        f"checkpoint {ckpt.dir_name(step)} (step {step}) could not be written to {dest}: "
+        f"{error}. The run stopped rather than train on without a checkpoint; its partial "
+        "upload was removed (or, where it could not be, is ignored: it was never registered); "
+        f"{after}"
     )
-
-
-def clear_stop_record(run: str) -> None:
-    """On the driver, before a run starts: forget why an earlier attempt stopped."""
-    storage.delete(storage.join(run, STOP_RECORD))
 
 
 def _last_checkpoint(run: str, step: int) -> str | None:
@@ -327,8 +339,7 @@ def _last_checkpoint(run: str, step: int) -> str | None:
     return None
 
 
-def raise_if_stopped(run: str) -> None:
+def raise_if_stopped(result: ray.train.Result) -> None:
     """On the driver, after a run: one that its workers stopped on purpose ends in an error."""
-    record = storage.join(run, STOP_RECORD)
-    if storage.exists(record):
-        raise RunStopped(json.loads(storage.read_bytes(record))["reason"])
+    if result.return_value:
+        raise RunStopped(result.return_value)

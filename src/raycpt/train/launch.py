@@ -94,11 +94,29 @@ def uses_pool(cfg: CPTConfig) -> bool:
     return aug.enabled and bool(aug.transforms) and aug.pool.max_actors > 0
 
 
+def scaling_config(cfg: CPTConfig) -> ray.train.ScalingConfig:
+    """Fixed size, or Ray Train's elastic policy: it starts with as many workers as the cluster
+    can place (between min_workers and num_workers), restarts on fewer when a node is lost and
+    grows back when the autoscaler adds one; every start resumes from the latest checkpoint, and
+    the worker loop re-derives gradient accumulation and the data partition from the world size."""
+    sc = cfg.scaling
+    resources = {"CPU": sc.cpus_per_worker, **sc.resources_per_worker}
+    if not sc.elastic:
+        return ray.train.ScalingConfig(
+            num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources
+        )
+    return ray.train.ScalingConfig(
+        num_workers=(sc.min_workers, sc.num_workers),
+        use_gpu=sc.use_gpu,
+        resources_per_worker=resources,
+        elastic_resize_monitor_interval_s=sc.resize_check_s,
+    )
+
+
 def build_trainer(cfg: CPTConfig, start_from: str | None = None) -> TorchTrainer:
     """The TorchTrainer for a run; running it again with the same name resumes."""
     preflight(cfg)
     fs, path = storage.filesystem(cfg.storage_path)
-    resources = {"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -108,11 +126,7 @@ def build_trainer(cfg: CPTConfig, start_from: str | None = None) -> TorchTrainer
             "augment_app": augment_pool.app_name(cfg.name) if uses_pool(cfg) else None,
         },
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.scaling.num_workers,
-            use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker=resources,
-        ),
+        scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
             name=cfg.name,
             storage_path=path,
@@ -138,12 +152,11 @@ def run(cfg: CPTConfig, start_from: str | None = None) -> ray.train.Result:
     trainer = build_trainer(cfg, start_from)  # pre-flight checks before any pool starts
     app = augment_pool.deploy(cfg.augment, cfg.name) if uses_pool(cfg) else None
     try:
-        faults.clear_stop_record(run_dir(cfg))
         result = trainer.fit()
     finally:
         if app:
             augment_pool.shutdown(app)
-    faults.raise_if_stopped(run_dir(cfg))
+    faults.raise_if_stopped(result)
     if result.metrics and result.metrics.get("preempted"):
         log.warning(
             "run %s was pre-empted (SIGTERM) and checkpointed at step %s: run it again to resume",

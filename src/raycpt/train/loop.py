@@ -81,7 +81,8 @@ class Worker:
         self.segments: list[list[int]] = []  # [first step, last step] of each attempt
         self.started_from: str | None = None  # the checkpoint a new run / stage started from
         self.early_stop: str | None = None  # why the run stopped early, once it has
-        self.ckpt_stats: list[float] | None = None  # last save: write s, upload s, bytes
+        self.ckpt_stats: list[float] | None = None  # last save: write s, upload s, bytes, retries
+        self.stopped: str | None = None  # why the workers stopped the run on purpose
         self.evaluator = Evaluator(
             cfg.eval,
             self.tokenizer,
@@ -93,7 +94,20 @@ class Worker:
         t0 = time.perf_counter()
         self.step, data_states = self._restore(start_from)
         self.restore_s = time.perf_counter() - t0 if data_states else None  # first window
+        if self.rank == 0:  # before any worker of this group saves (the barrier below)
+            ckpt.remove_partial(storage.join(cfg.storage_path, cfg.name), self.step)
+        dist.barrier()
         self.segments.append([self.step, self.step])
+        if self.rank == 0 and self.world != cfg.scaling.num_workers:
+            log.warning(
+                "elastic: training on %d of %d workers from step %d, gradient accumulation %d "
+                "(global batch %d)",
+                self.world,
+                cfg.scaling.num_workers,
+                self.step,
+                self.engine.gradient_accumulation_steps(),
+                cfg.train.global_batch_size,
+            )
         layout = Layout(
             self.rank,
             self.world,
@@ -143,14 +157,12 @@ class Worker:
         """Load model, optimizer and scheduler state (the weights only for a new run or stage).
         A checkpoint from another worker count is re-partitioned (`reshard`)."""
         if weights_only:
-            # With another worker count, load_optimizer_states=False makes DeepSpeed gather the
-            # full weights from every worker's shard (ZeRO-3 needs that); with the same count
-            # each worker reads only its own part.
+            # load_optimizer_states=False makes DeepSpeed gather the full fp32 weights from
+            # every worker's shard under ZeRO-3, on any worker count. (With True it reads the
+            # per-rank model files, which under ZeRO-3 hold only empty placeholders: the new run
+            # silently started from the base model.) ZeRO-0/1/2 model files hold the whole module.
             _, client = self.engine.load_checkpoint(
-                folder,
-                tag=ckpt.DS_TAG,
-                load_module_only=True,
-                load_optimizer_states=old_world == self.world,
+                folder, tag=ckpt.DS_TAG, load_module_only=True, load_optimizer_states=False
             )
         elif old_world == self.world or self.cfg.deepspeed.zero_stage == 0:
             # without ZeRO the optimizer state is saved whole: any worker count can load it
@@ -223,8 +235,9 @@ class Worker:
             logits = self.engine(input_ids=ids.to(self.device)).logits
         return {"input_ids": ids, "logits": logits.float().cpu(), "precision": self.precision}
 
-    def save(self, metrics: dict, final: bool) -> None:
-        """Take a checkpoint (collective) and report it with the metrics."""
+    def save(self, metrics: dict, final: bool) -> bool:
+        """Take a checkpoint (collective) and report it with the metrics; False when it could not
+        be stored (the run is then stopped: `_stop_unsaved`)."""
         meta = None
         probe = self.probe_logits() if final else None
         data_state = self.loader_state
@@ -263,26 +276,41 @@ class Worker:
         )
         if probe is not None and self.rank == 0:
             torch.save(probe, os.path.join(folder, ckpt.PROBE))
-        t1 = time.perf_counter()
+        t1, retries = time.perf_counter(), storage.retry_count()
         size = ckpt.folder_bytes(folder)
+        dest = storage.join(self.cfg.storage_path, self.cfg.name, ckpt.dir_name(self.step))
+        # Uploaded here, then reported as already persisted (NO_UPLOAD), rather than through
+        # report(checkpoint_upload_fn=...): an upload that raises inside report() leaves that
+        # worker's report sequence waiting forever, and the error would only reach Ray Train's
+        # FailureConfig, which restarts the group to re-train the steps and fail the same way.
         try:
-            ray.train.report(
-                metrics,
-                checkpoint=ray.train.Checkpoint.from_directory(folder),
-                checkpoint_dir_name=ckpt.dir_name(self.step),
-                checkpoint_upload_fn=self._upload,
-            )
+            written, error = storage.upload_dir(folder, dest), None
+        except storage.StorageError as err:
+            written, error = [], str(err)
         finally:
             ckpt.remove_local(folder)
-        # reported with the next metrics window: this one has already gone out
-        self.ckpt_stats = [t1 - t0, time.perf_counter() - t1, size]
-
-    def _upload(self, checkpoint: ray.train.Checkpoint, dir_name: str) -> ray.train.Checkpoint:
-        """This worker's part of a checkpoint, into the run's folder (see storage.upload_dir)."""
-        dest = storage.join(self.cfg.storage_path, self.cfg.name, dir_name)
-        storage.upload_dir(checkpoint.path, dest)
+        error = self.first_error(error)
+        if error:
+            self._stop_unsaved(dest, written, error)
+            return False
         fs, path = storage.filesystem(dest)
-        return ray.train.Checkpoint(path=path, filesystem=fs)
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint(path=path, filesystem=fs),
+            checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD,
+        )
+        # reported with the next metrics window: this one has already gone out
+        self.ckpt_stats = [t1 - t0, time.perf_counter() - t1, size, storage.retry_count() - retries]
+        return True
+
+    def _stop_unsaved(self, dest: str, written: list[str], error: str) -> None:
+        """A checkpoint that some worker could not store: every worker takes its part back
+        (a checkpoint is all or nothing), and the run stops, naming the latest one Ray Train
+        registered, which a run started again resumes from."""
+        storage.discard(written)
+        latest = ray.train.get_checkpoint()  # the last one every worker reported
+        run = storage.join(self.cfg.storage_path, self.cfg.name)
+        self.stop_run(faults.unsaved_checkpoint(self.step, dest, error, run, latest))
 
     def fit(self) -> None:
         cfg = self.cfg
@@ -323,7 +351,8 @@ class Worker:
             if is_eval:
                 self.early_stop = stop_reason(eval_history(self.history), cfg.eval.early_stop)
             if is_ckpt or is_last or self.early_stop:
-                self.save(metrics, final=is_last or bool(self.early_stop))
+                if not self.save(metrics, final=is_last or bool(self.early_stop)):
+                    return  # the checkpoint could not be stored: the run stopped
                 saved_step = self.step
             else:
                 ray.train.report(metrics)
@@ -338,7 +367,8 @@ class Worker:
                 break
         if self.step > saved_step:  # the data ran out before max_steps: keep what was trained
             metrics = self._close_window(window, tokens_per_step, evaluate=bool(self.evaluator))
-            self.save(metrics, final=True)
+            if not self.save(metrics, final=True):
+                return
         self.loader.close()
 
     def _close_window(self, window: dict, tokens_per_step: int, evaluate: bool) -> dict:
@@ -350,6 +380,12 @@ class Worker:
         self.history.append(metrics)
         self.segments[-1][1] = self.step
         return metrics
+
+    def first_error(self, error: str | None) -> str | None:
+        """Collective: the first worker's error ("worker N: ..."), on every worker; or None."""
+        errors = [None] * self.world
+        dist.all_gather_object(errors, error)
+        return next((f"worker {i}: {e}" for i, e in enumerate(errors) if e), None)
 
     def _check_step(self, loss: float) -> StepVerdict:
         """Apply the run's fault policy after a step: roll back here, or report a stop."""
@@ -364,12 +400,11 @@ class Worker:
         return verdict
 
     def stop_run(self, reason: str) -> None:
-        """End the run on purpose: worker 0 records why, and the driver raises it."""
+        """End the run on purpose: the workers return normally (so Ray Train does not restart
+        them) and worker 0's return value carries the reason, which the driver raises."""
         if self.rank == 0:
             log.error("stopping the run at step %d: %s", self.step, reason)
-            faults.record_stop(
-                storage.join(self.cfg.storage_path, self.cfg.name), self.step, reason
-            )
+        self.stopped = reason
         ray.train.report({"step": self.step, **self.faults.metrics()})
         self.loader.close()
 
@@ -386,11 +421,9 @@ class Worker:
                 len(self.tokenizer),
                 self.device,
             )
-        errors = [None] * self.world
-        dist.all_gather_object(errors, error)
-        if any(errors):
-            rank = next(i for i, e in enumerate(errors) if e)
-            self.stop_run(f"worker {rank}: {errors[rank]}")
+        error = self.first_error(error)
+        if error:
+            self.stop_run(error)
             return False
         faults.watch_sigterm()
         if cfg.failure.debug_nan_steps and self.rank == 0:
@@ -437,6 +470,9 @@ class Worker:
             "tokens_per_s": window["steps"] * tokens_per_step / max(elapsed, 1e-9),
             "wall_time": time.time(),  # for rates across windows, reports included
             "data_wait_frac": wait_frac,
+            # an elastic run's size; workers x micro-batch x accumulation is the global batch
+            "workers": self.world,
+            "grad_accum": self.engine.gradient_accumulation_steps(),
             **self.faults.metrics(),
             **{f"tokens/{k}": v for k, v in self.loader_state["tokens_per_source"].items()},
         }
@@ -451,12 +487,14 @@ class Worker:
             metrics["ckpt/restore_s"] = self.mean_over_workers([self.restore_s])[0]
             self.restore_s = None
         if self.ckpt_stats is not None:  # every worker saved at the same step
-            write_s, upload_s, size = self.sum_over_workers(self.ckpt_stats)
+            write_s, upload_s, size, retries = self.sum_over_workers(self.ckpt_stats)
             metrics.update(
                 {
                     "ckpt/write_s": write_s / self.world,
                     "ckpt/upload_s": upload_s / self.world,
                     "ckpt/bytes": size,
+                    # S3 requests retried after transient faults (storage.retry_count), summed
+                    "ckpt/upload_retries": round(retries),
                 }
             )
             self.ckpt_stats = None
@@ -465,8 +503,9 @@ class Worker:
         return metrics
 
 
-def train_loop_per_worker(config: dict) -> None:
-    """Entry point run by every Ray Train worker; ``config`` carries the run config as a dict."""
+def train_loop_per_worker(config: dict) -> str | None:
+    """Entry point run by every Ray Train worker; ``config`` carries the run config as a dict.
+    Returns why the workers stopped the run, if they did (worker 0's is ``Result.return_value``)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # Ray Train moves each worker into a folder of its own; relative paths in the config mean
     # the driver's folder (which exists here on a local cluster, and as the job's working_dir on
@@ -477,3 +516,4 @@ def train_loop_per_worker(config: dict) -> None:
     worker = Worker(cfg, config.get("start_from"), config.get("augment_app"))
     if worker.preflight():
         worker.fit()
+    return worker.stopped
