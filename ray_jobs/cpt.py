@@ -15,6 +15,8 @@ import sys
 from raycpt.config import ConfigError, load_config
 from raycpt.train import launch
 
+PREEMPTED = 75  # EX_TEMPFAIL: try again later
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -29,6 +31,10 @@ def main() -> int:
         return 2
     result = launch.run(cfg, start_from=args.start_from)
     print("raycpt result:", json.dumps(result.metrics, default=str))
+    if (result.metrics or {}).get("preempted"):
+        # checkpointed, not finished: a non-zero exit lets a RayJob's backoffLimit (or any
+        # job runner's retry) submit it again, which resumes from that checkpoint
+        return PREEMPTED
     return 0
 
 

@@ -234,6 +234,12 @@ def cmd_stop(args) -> int:
     return 0
 
 
+def cmd_drain(args) -> int:
+    from raycpt import drain
+
+    return 1 if drain.drain(args.timeout) else 0
+
+
 def _add_cluster_args(s) -> None:
     s.add_argument("--address", help="Ray dashboard URL (default: RAY_ADDRESS, else local Ray)")
     s.add_argument("--namespace", "-n", default="raycpt", help="with --k8s (default: raycpt)")
@@ -359,6 +365,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("config-reference", help="print the config reference (markdown)")
     s.set_defaults(fn=cmd_config_reference)
+
+    s = sub.add_parser(
+        "drain",
+        help="pre-emption: SIGTERM this node's training workers and wait for their checkpoint "
+        "(the chart's preStop hook)",
+    )
+    s.add_argument("--timeout", type=float, default=270.0, help="seconds to wait (default 270)")
+    s.set_defaults(fn=cmd_drain)
     add_submit_commands(sub)
     return p
 

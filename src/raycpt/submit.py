@@ -288,14 +288,18 @@ def _head_group(config_map: str, opts: RayJobOptions) -> dict:
 def _trainer_group(cfg: CPTConfig, opts: RayJobOptions) -> dict:
     """One pod per Ray Train worker (scaling.num_workers), one GPU each when use_gpu."""
     gpus = 1 if cfg.scaling.use_gpu else 0
+    grace = 600  # SIGTERM to SIGKILL: time to write a pre-emption checkpoint
     container = {
         "name": "ray-worker",
         "resources": _resources(opts.worker_cpu, opts.worker_memory, gpus),
+        # the training workers checkpoint before Kubernetes signals `ray start` (drain.py)
+        "lifecycle": {
+            "preStop": {"exec": {"command": ["raycpt", "drain", "--timeout", str(grace - 15)]}}
+        },
     }
     spec: dict[str, Any] = {
         "automountServiceAccountToken": False,
-        # SIGTERM to SIGKILL: time to write a pre-emption checkpoint.
-        "terminationGracePeriodSeconds": 600,
+        "terminationGracePeriodSeconds": grace,
     }
     if gpus:
         spec["nodeSelector"] = {"nvidia.com/gpu.present": "true"}

@@ -235,8 +235,17 @@ def test_worker_termination_grace_period_and_token(render, case):
         pod = group["template"]["spec"]
         assert pod["terminationGracePeriodSeconds"] >= 300
         assert pod["automountServiceAccountToken"] is False
+        # the pre-emption checkpoint: `raycpt drain` before Kubernetes signals `ray start`
+        hook = pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+        assert hook == [
+            "raycpt",
+            "drain",
+            "--timeout",
+            str(pod["terminationGracePeriodSeconds"] - 15),
+        ]
     # The head keeps its token: the autoscaler sidecar talks to the API server.
     assert "automountServiceAccountToken" not in spec["headGroupSpec"]["template"]["spec"]
+    assert "lifecycle" not in spec["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert worker_group(docs, "trainer")["template"]["spec"]["terminationGracePeriodSeconds"] == (
         900 if case == "gpu-8x-nodes" else 600
     )

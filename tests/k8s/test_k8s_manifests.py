@@ -98,6 +98,9 @@ def test_rayjob_follows_the_pod_conventions(built, validate_object):
         if role != "cluster/head":
             assert spec["automountServiceAccountToken"] is False
             assert spec["terminationGracePeriodSeconds"] >= 300
+            hook = spec["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+            grace = spec["terminationGracePeriodSeconds"]
+            assert hook == ["raycpt", "drain", "--timeout", str(grace - 15)]
     trainer = cluster["workerGroupSpecs"][0]
     limits = trainer["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert trainer["groupName"] == "trainer" and limits["nvidia.com/gpu"] == 1

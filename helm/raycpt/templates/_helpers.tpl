@@ -313,6 +313,15 @@ spec:
         {{- include "raycpt.resources" (dict "resources" $group.resources "gpus" (default 0 $group.gpus) "gpuResourceName" $root.Values.gpuResourceName) | nindent 8 }}
       securityContext:
         {{- include "raycpt.containerSecurityContext" $root | nindent 8 }}
+      {{- if not $isHead }}
+      # Kubernetes would SIGTERM `ray start`, which takes the training processes down before
+      # they can checkpoint. `raycpt drain` runs first: it signals this pod's Ray Train workers
+      # and waits (within the grace period, 15 s left for Ray itself) for their checkpoint.
+      lifecycle:
+        preStop:
+          exec:
+            command: ["raycpt", "drain", "--timeout", "{{ max 1 (sub (int $group.terminationGracePeriodSeconds) 15) }}"]
+      {{- end }}
       volumeMounts:
         - name: dshm
           mountPath: /dev/shm
