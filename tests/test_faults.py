@@ -6,6 +6,7 @@ step and the next start resumes there without losing or repeating a document; a 
 upload through a cut network path is retried and the run goes on, and one that cannot be written
 stops the run with a clear error, the previous checkpoint resuming."""
 
+import errno
 import hashlib
 import json
 import logging
@@ -24,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import free_port, wait_port
+from support import wait_for
 from test_loader import docs_of
 
 from raycpt import checkpoint as ckpt
@@ -503,3 +505,66 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_and_the_previous_one_
     unbroken = parse_config(run_config(name="not-denied", **common))
     launch.run(unbroken)
     assert Counter(docs_of(cfg)) == Counter(docs_of(unbroken))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 64 MiB file system (tmpfs; mounting needs root, as on CI and this machine)."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs for the disk-full test: {done.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def fill_disk_after(cfg, step: int, mount: Path, filled: dict) -> threading.Thread:
+    """Fill the disk to the last byte once checkpoint `step` is registered."""
+
+    def run():
+        wait_for(lambda: step in [s for s, _ in ckpt.list_checkpoints(launch.run_dir(cfg))], 240)
+        with open(mount / "filler", "wb") as f:
+            try:
+                while True:
+                    f.write(b"\0" * (1 << 20))
+                    f.flush()
+            except OSError as err:
+                filled["errno"] = err.errno
+
+    return in_background(run)
+
+
+@pytest.mark.slow
+def test_a_disk_that_fills_stops_the_run_and_the_previous_checkpoint_resumes(
+    ray_cluster, run_config, small_disk
+):
+    """The storage path's disk fills up after checkpoint 2 (ENOSPC from the kernel): the run
+    stops with an error that names the disk, the half-written checkpoint is removed, and once
+    space is freed the next start resumes from checkpoint 2."""
+    common = {**WRITE_FAULT_RUN, "train__max_steps": 40}
+    cfg = parse_config(run_config(name="full", storage_path=str(small_disk / "runs"), **common))
+    filled: dict = {}
+    watcher = fill_disk_after(cfg, 2, small_disk, filled)
+    with pytest.raises(faults.RunStopped) as stopped:
+        launch.run(cfg)
+    watcher.join(timeout=10)
+    assert filled.get("errno") == errno.ENOSPC
+    message = str(stopped.value)
+    assert "No space left on device" in message and "the disk is full" in message
+    run = launch.run_dir(cfg)
+    steps = [s for s, _ in ckpt.list_checkpoints(run)]
+    assert steps[0] == 2 and steps[-1] < 40  # stopped before the end; the saved ones intact
+    assert f"the latest restorable checkpoint is {ckpt.dir_name(steps[-1])}" in message
+    for step, folder in ckpt.step_folders(run):  # the failed save left no file behind
+        if step > steps[-1]:
+            assert not [p for p in Path(folder).rglob("*") if p.is_file()]
+
+    os.unlink(small_disk / "filler")  # space freed: the next start resumes
+    launch.run(cfg)
+    meta = latest_meta(cfg)
+    assert meta["step"] == 40 and meta["segments"][-1] == [steps[-1], 40]

@@ -8,6 +8,7 @@ here speaks HTTP itself. This module knows nothing of tokens or training.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import logging
@@ -432,7 +433,12 @@ def _put_file(path: str, local_dir: str, uri: str) -> str:
         try:
             os.link(path, target)
         except OSError:  # another file system, or links not allowed: copy
-            shutil.copyfile(path, target)
+            try:
+                shutil.copyfile(path, target)
+            except BaseException:
+                with contextlib.suppress(OSError):  # no half-copied file left behind
+                    os.unlink(target)
+                raise
         return dest
     except Exception as err:
         raise _describe(err, dest) from err
