@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from itertools import groupby
@@ -27,7 +26,9 @@ import pytest
 import ray
 from conftest import CLUSTER_ENV, GCS_PORT, ray_cli
 from support import wait_for
+from test_faults import in_background
 from test_loader import docs_of
+from test_reshard import logged_docs
 
 from raycpt import checkpoint as ckpt
 from raycpt import drain
@@ -150,11 +151,6 @@ def checkpoint_by(cfg, workers: int, after: int) -> int | None:
     return None
 
 
-def docs_at(cfg, step: int) -> list:
-    folder = os.path.join(launch.run_dir(cfg), ckpt.dir_name(step))
-    return [tuple(d) for st in ckpt.read_data_states(folder) for d in st.get("docs", [])]
-
-
 def test_elastic_run_shrinks_on_node_loss_and_grows_back(
     ray_cluster, run_config, slot_nodes, monkeypatch
 ):
@@ -198,8 +194,7 @@ def test_elastic_run_shrinks_on_node_loss_and_grows_back(
         finally:  # never leave the run waiting on a test that has given up
             open(os.path.join(cfg.storage_path, "release"), "w").close()
 
-    thread = threading.Thread(target=orchestrate, daemon=True)
-    thread.start()
+    thread = in_background(orchestrate)
     result = launch.run(cfg)
     thread.join(timeout=10)
     assert events["killed_after"] and events["small_checkpoint"]
@@ -222,7 +217,8 @@ def test_elastic_run_shrinks_on_node_loss_and_grows_back(
     final = docs_of(cfg)
     assert len(final) == len(set(final))
     for step in (events["killed_after"], events["small_checkpoint"]):
-        assert set(docs_at(cfg, step)) < set(final)
+        folder = os.path.join(launch.run_dir(cfg), ckpt.dir_name(step))
+        assert set(logged_docs(folder)) < set(final)
     unbroken = parse_config(run_config(name="not-elastic", **common))
     launch.run(unbroken)
     assert meta["tokens_per_source"] == checkpoint_meta(unbroken, 60)["tokens_per_source"]
@@ -257,8 +253,7 @@ def test_drain_checkpoints_the_run_and_waits_for_its_workers(ray_cluster, run_co
             text=True,
         )
 
-    thread = threading.Thread(target=drain_while_training, daemon=True)
-    thread.start()
+    thread = in_background(drain_while_training)
     result = launch.run(cfg)
     thread.join(timeout=150)
     done = outcome["drain"]

@@ -132,10 +132,7 @@ def remove_partial(run: str, after_step: int) -> list[str]:
         if step > after_step and os.path.basename(loc) not in registered
     ]
     for loc in stale:
-        if storage.is_remote(loc):
-            storage.discard([obj for obj, _ in storage.list_objects(loc)])
-        else:
-            shutil.rmtree(storage.filesystem(loc)[1], ignore_errors=True)
+        storage.remove_dir(loc)
     if stale:
         log.warning("removed checkpoint folders of a save that never completed: %s", stale)
     return stale

@@ -13,7 +13,6 @@ after the checkpoint is stored.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import time
 
@@ -31,7 +30,7 @@ def train_workers() -> list[psutil.Process]:
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         cmdline = proc.info.get("cmdline") or []
-        if cmdline and cmdline[0].startswith(TRAIN_WORKER_TITLE) and proc.pid != os.getpid():
+        if cmdline and cmdline[0].startswith(TRAIN_WORKER_TITLE):
             found.append(proc)
     return found
 

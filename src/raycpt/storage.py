@@ -444,6 +444,14 @@ def _put_file(path: str, local_dir: str, uri: str) -> str:
         raise _describe(err, dest) from err
 
 
+def remove_dir(uri: str) -> None:
+    """Remove a folder, or every object under an s3:// prefix; a missing one is fine."""
+    if is_remote(uri):
+        discard([loc for loc, _ in list_objects(uri)])
+    else:
+        shutil.rmtree(filesystem(uri)[1], ignore_errors=True)
+
+
 def discard(locations: list[str]) -> None:
     """Remove files or objects that must not stay (a partial upload), as far as the storage
     lets us; what cannot be removed is logged and left to be ignored by its reader."""

@@ -160,16 +160,28 @@ def extend_tokenizer(tokenizer, terms: list[str]) -> dict[int, list[int]]:
     return dict(zip(new_ids, (pieces[t] for t in terms), strict=True))
 
 
-def _gathered(params: list):
-    """ZeRO-3 partitions parameters (each rank holds a slice): gather them whole, and let rank
-    0's edits be re-partitioned on exit. Plain parameters pass through untouched."""
+def embedding_weights(model) -> list:
+    """The input and output embedding matrices, once each (tied ones are one tensor)."""
+    layers = [model.get_input_embeddings(), model.get_output_embeddings()]
+    return list({id(m.weight): m.weight for m in layers if m is not None}.values())
+
+
+def partitioned(params) -> bool:
+    """Whether ZeRO-3 has partitioned these parameters (each rank holds a slice)."""
+    return any(hasattr(p, "ds_id") for p in params)
+
+
+def gathered(params: list, modifier_rank: int | None = 0):
+    """ZeRO-3 partitioned parameters gathered whole for the duration; with `modifier_rank`,
+    that rank's edits are re-partitioned on exit (None: read only). Plain parameters pass
+    through untouched."""
     import contextlib
 
-    if not any(hasattr(p, "ds_id") for p in params):
+    if not partitioned(params):
         return contextlib.nullcontext()
     import deepspeed
 
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
 
 
 def init_new_embeddings(model, new_tokens: dict[int, list[int]], pad_multiple: int) -> None:
@@ -185,9 +197,9 @@ def init_new_embeddings(model, new_tokens: dict[int, list[int]], pad_multiple: i
     if needed > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(needed, pad_to_multiple_of=pad_multiple)
     layers = [model.get_input_embeddings(), model.get_output_embeddings()]
-    weights = list({id(m.weight): m.weight for m in layers if m is not None}.values())
+    weights = embedding_weights(model)
     biases = [m.bias for m in layers if getattr(m, "bias", None) is not None]
-    with _gathered(weights + biases), torch.no_grad():
+    with gathered(weights + biases), torch.no_grad():
         for new_id, piece_ids in new_tokens.items():
             for tensor in weights + biases:
                 tensor[new_id] = tensor[piece_ids].float().mean(dim=0).to(tensor.dtype)

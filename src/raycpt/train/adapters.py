@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 
+from raycpt import vocab
 from raycpt.config import LoraConfig
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -51,16 +52,12 @@ def apply_lora(model, cfg: LoraConfig, new_token_ids: list[int]):
     import peft
 
     config = peft_config(cfg, model, new_token_ids)
-    if not _partitioned(model):
+    if not vocab.partitioned(model.parameters()):
         return peft.get_peft_model(model, config)
     with _token_rows_initialised_gathered(model):
         model = peft.get_peft_model(model, config)
     _gather_token_rows_in_forward(model)
     return model
-
-
-def _partitioned(model) -> bool:
-    return any(hasattr(p, "ds_id") for p in model.parameters())
 
 
 @contextlib.contextmanager
@@ -70,16 +67,12 @@ def _token_rows_initialised_gathered(model):
     broadcasts into a receive buffer it always puts on CUDA, so it fails on CPU workers. Instead
     gather the embeddings whole on every rank and let peft copy the rows as it does without
     ZeRO (same values on every rank, on any device)."""
-    import deepspeed
     from peft.tuners.trainable_tokens import layer
 
-    emb_out = model.get_output_embeddings()
-    weights = [model.get_input_embeddings().weight]
-    weights += [emb_out.weight] if emb_out is not None else []
     check = layer.check_deepspeed_zero3_enabled
     layer.check_deepspeed_zero3_enabled = lambda: False  # only this module's view; restored below
     try:
-        with deepspeed.zero.GatheredParameters(list({id(w): w for w in weights}.values())):
+        with vocab.gathered(vocab.embedding_weights(model), modifier_rank=None):
             yield
     finally:
         layer.check_deepspeed_zero3_enabled = check
