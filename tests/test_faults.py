@@ -29,9 +29,10 @@ from support import wait_for
 from test_loader import docs_of
 
 from raycpt import checkpoint as ckpt
-from raycpt.config import parse_config
+from raycpt.config import CPTConfig, parse_config
 from raycpt.train import faults, launch
 from raycpt.train.engine import ModelError
+from raycpt.train.loop import Worker
 from raycpt.train.schedule import lr_multiplier
 
 
@@ -523,31 +524,62 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
+def filled_flag(cfg) -> Path:
+    """Beside the small disk's mount point (the flag must be writable once the disk is full)."""
+    return Path(cfg.storage_path).parent.parent / "disk-filled"
+
+
+def loop_pausing_after_first_checkpoint(config: dict) -> str | None:
+    """The run's own worker loop, except that it waits after its step-2 checkpoint until the
+    test has filled the disk: the disk then fills while nothing writes to it (not Ray Train's
+    own bookkeeping either), so the next checkpoint's upload is what meets the full disk."""
+    cfg = CPTConfig.model_validate(config["cpt"])
+    worker = Worker(cfg, config.get("start_from"), config.get("augment_app"))
+    step = worker.train_step
+
+    def paused_step(micro_batches):
+        while worker.step >= 2 and not filled_flag(cfg).exists():
+            time.sleep(0.1)
+        return step(micro_batches)
+
+    worker.train_step = paused_step
+    if worker.preflight():
+        worker.fit()
+    return worker.stopped
+
+
 def fill_disk_after(cfg, step: int, mount: Path, filled: dict) -> threading.Thread:
-    """Fill the disk to the last byte once checkpoint `step` is registered."""
+    """Fill the disk to the last byte once checkpoint `step` is registered, then raise the
+    flag that lets the run go on."""
 
     def run():
-        wait_for(lambda: step in [s for s, _ in ckpt.list_checkpoints(launch.run_dir(cfg))], 240)
-        with open(mount / "filler", "wb") as f:
-            try:
-                while True:
-                    f.write(b"\0" * (1 << 20))
-                    f.flush()
-            except OSError as err:
-                filled["errno"] = err.errno
+        try:
+            wait_for(
+                lambda: step in [s for s, _ in ckpt.list_checkpoints(launch.run_dir(cfg))], 240
+            )
+            with open(mount / "filler", "wb") as f:
+                try:
+                    while True:
+                        f.write(b"\0" * (1 << 20))
+                        f.flush()
+                except OSError as err:
+                    filled["errno"] = err.errno
+        finally:  # never leave the run waiting on a test that has given up
+            filled_flag(cfg).touch()
 
     return in_background(run)
 
 
 @pytest.mark.slow
 def test_a_disk_that_fills_stops_the_run_and_the_previous_checkpoint_resumes(
-    ray_cluster, run_config, small_disk
+    ray_cluster, run_config, small_disk, monkeypatch
 ):
     """The storage path's disk fills up after checkpoint 2 (ENOSPC from the kernel): the run
     stops with an error that names the disk, the half-written checkpoint is removed, and once
     space is freed the next start resumes from checkpoint 2."""
     common = {**WRITE_FAULT_RUN, "train__max_steps": 40}
     cfg = parse_config(run_config(name="full", storage_path=str(small_disk / "runs"), **common))
+    monkeypatch.setattr(launch, "train_loop_per_worker", loop_pausing_after_first_checkpoint)
     filled: dict = {}
     watcher = fill_disk_after(cfg, 2, small_disk, filled)
     with pytest.raises(faults.RunStopped) as stopped:
