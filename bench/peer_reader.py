@@ -3,7 +3,11 @@
 project's (see FIELD-NOTES: they pull a CUDA torch/torchvision).
 
     python bench/peer_reader.py write DOCS.jsonl OUT_DIR        # MDS and litdata copies
-    python bench/peer_reader.py read {mds,litdata} DIR TOKENIZER_JSON
+    python bench/peer_reader.py read {mds,litdata} DIR TOKENIZER_JSON [CACHE_DIR]
+
+DIR may be `s3://bucket/prefix`: the peer then downloads shards into CACHE_DIR with its own
+read-ahead, as it would on a training node (mosaicml-streaming finds the server through
+S3_ENDPOINT_URL, litdata's boto3 through AWS_ENDPOINT_URL).
 
 `read` streams one epoch in order with one process, tokenizes 64 documents at a time with the
 same Rust tokenizer call raycpt uses (encode_batch, EOS after each document), packs 512-token
@@ -35,7 +39,7 @@ def write(docs_path: str, out: str) -> None:
     )
 
 
-def read(kind: str, where: str, tokenizer_json: str) -> None:
+def read(kind: str, where: str, tokenizer_json: str, cache: str | None = None) -> None:
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(tokenizer_json)
@@ -43,11 +47,24 @@ def read(kind: str, where: str, tokenizer_json: str) -> None:
     if kind == "mds":
         from streaming import StreamingDataset
 
-        ds = StreamingDataset(local=where, shuffle=False, batch_size=MICRO)
+        if where.startswith("s3://"):
+            ds = StreamingDataset(remote=where, local=cache, shuffle=False, batch_size=MICRO)
+        else:
+            ds = StreamingDataset(local=where, shuffle=False, batch_size=MICRO)
     else:
         import litdata
 
-        ds = litdata.StreamingDataset(where, shuffle=False)
+        if where.startswith("s3://"):
+            # litdata's fast path (obstore) refuses plain http, which only the loopback server
+            # speaks; a real bucket is https. Allow it rather than fall back to litdata's slower
+            # boto3 path, so the peer runs as it would against S3.
+            from litdata.streaming import downloader
+
+            downloader._OBSTORE_CLIENT_OPTIONS = {
+                **downloader._OBSTORE_CLIENT_OPTIONS,
+                "allow_http": True,
+            }
+        ds = litdata.StreamingDataset(where, cache_dir=cache, shuffle=False)
     start = time.perf_counter()
     buf: list[int] = []
     texts: list[str] = []
@@ -79,4 +96,4 @@ if __name__ == "__main__":
     if sys.argv[1] == "write":
         write(sys.argv[2], sys.argv[3])
     else:
-        read(sys.argv[2], sys.argv[3], sys.argv[4])
+        read(*sys.argv[2:6])
