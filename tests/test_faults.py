@@ -552,11 +552,18 @@ def fill_disk_after(cfg, step: int, mount: Path, filled: dict) -> threading.Thre
     """Fill the disk to the last byte once checkpoint `step` is registered, then raise the
     flag that lets the run go on."""
 
+    def registered() -> bool:
+        # Ray Train's snapshot, not list_checkpoints: before Ray writes its first snapshot that
+        # lists every uploaded folder, and the disk would then fill while Ray writes it
+        try:
+            names = ckpt.registered_checkpoints(launch.run_dir(cfg))
+        except ValueError:  # read while Ray rewrites it
+            return False
+        return ckpt.dir_name(step) in (names or ())
+
     def run():
         try:
-            wait_for(
-                lambda: step in [s for s, _ in ckpt.list_checkpoints(launch.run_dir(cfg))], 240
-            )
+            wait_for(registered, 240)
             with open(mount / "filler", "wb") as f:
                 try:
                     while True:
