@@ -63,9 +63,7 @@ def export_docs(data: Path, out: Path) -> None:
 def upload(folder: Path, uri: str) -> str:
     from raycpt import storage
 
-    for f in sorted(folder.rglob("*")):
-        if f.is_file():
-            storage.write_bytes(f"{uri}/{f.relative_to(folder)}", f.read_bytes())
+    storage.upload_dir(str(folder), uri)
     return uri
 
 
