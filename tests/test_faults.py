@@ -354,6 +354,88 @@ def test_kill_during_save_resumes_from_the_previous_checkpoint(
     assert ckpt.resolve(run).endswith(ckpt.dir_name(60))
 
 
+def copy_checkpoint(folder: str, to: Path, step: int) -> str:
+    dest = to / ckpt.dir_name(step)
+    shutil.copytree(folder, dest)
+    return str(dest)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_counts_only_with_every_workers_part_whole(ray_cluster, run_config, tmp_path):
+    """Completeness that needs no Ray snapshot: each worker's parts file lists its files and
+    sizes and is uploaded after them. A copy missing a shard, with a shard cut short, or without
+    a worker's parts file is refused by name; a run whose first save never registered (Ray's
+    marker, no snapshot) has no checkpoint, and its leftover is removed before the next attempt
+    saves, so a group of another size does not mix its part with the leftover's."""
+    cfg = parse_config(run_config(name="parts", train__max_steps=4, checkpoint__every_steps=2))
+    launch.run(cfg)
+    run = launch.run_dir(cfg)
+    folder = os.path.join(run, ckpt.dir_name(4))
+    assert ckpt.incomplete(folder) is None
+    parts = [
+        json.load(open(os.path.join(folder, ckpt.PARTS, f"rank-{r:05d}.json")))["files"]
+        for r in (0, 1)
+    ]
+    on_disk = {
+        os.path.relpath(os.path.join(root, n), folder)
+        for root, _, names in os.walk(folder)
+        for n in names
+    }
+    sealed = {f"{ckpt.PARTS}/rank-0000{r}.json" for r in (0, 1)}
+    assert set(parts[0]) | set(parts[1]) | sealed == on_disk
+    shard = "ds/zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    assert shard in parts[1] and ckpt.META in parts[0] and "data/rank-00001.json" in parts[1]
+
+    cases = {
+        "missing": (lambda f: os.remove(os.path.join(f, shard)), f"{shard} (worker 1) is missing"),
+        "cut": (
+            lambda f: os.truncate(os.path.join(f, shard), 1000),
+            f"{shard} (worker 1) has 1000 bytes of the {parts[1][shard]} written",
+        ),
+        "unsealed": (
+            lambda f: os.remove(os.path.join(f, ckpt.PARTS, "rank-00001.json")),
+            "worker 1's part never finished uploading",
+        ),
+    }
+    for name, (damage, why) in cases.items():
+        copy = copy_checkpoint(folder, tmp_path / name, 4)
+        damage(copy)
+        with pytest.raises(ckpt.CheckpointError, match="is not a complete checkpoint") as err:
+            ckpt.resolve(copy)
+        assert why in str(err.value)
+
+    # a run folder copied without Ray's files: every whole folder counts, the cut one does not
+    copied = tmp_path / "copied"
+    shutil.copytree(run, copied, ignore=shutil.ignore_patterns(ckpt.RAY_SNAPSHOT, ckpt.RAY_MARKER))
+    os.remove(os.path.join(copy_checkpoint(folder, copied, 6), shard))
+    assert [s for s, _ in ckpt.list_checkpoints(str(copied))] == [2, 4, 6]
+    assert ckpt.resolve(str(copied)).endswith(ckpt.dir_name(4))
+
+    # the first save of a 2-worker run was cut before Ray registered it; the run starts again
+    # on 1 worker
+    again = parse_config(
+        run_config(
+            name="first-cut",
+            scaling={"num_workers": 1},
+            train__max_steps=2,
+            checkpoint__every_steps=2,
+        )
+    )
+    rerun = Path(launch.run_dir(again))
+    rerun.mkdir(parents=True)
+    (rerun / ckpt.RAY_MARKER).touch()
+    copy_checkpoint(os.path.join(run, ckpt.dir_name(2)), rerun, 2)
+    assert ckpt.list_checkpoints(str(rerun)) == []
+    with pytest.raises(ckpt.CheckpointError, match="no complete checkpoint under"):
+        ckpt.resolve(str(rerun))
+    launch.run(again)
+    saved = rerun / ckpt.dir_name(2)
+    assert ckpt.incomplete(str(saved)) is None and ckpt.read_meta(str(saved))["world_size"] == 1
+    assert sorted(os.listdir(saved / "data")) == ["rank-00000.json"]  # no leftover of worker 1
+    assert sorted(os.listdir(saved / ckpt.PARTS)) == ["rank-00000.json"]
+    assert not (saved / "ds" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # Storage faults on the write side: checkpoints on the loopback S3 server (moto, with auth)
 # ---------------------------------------------------------------------------------------------
@@ -445,8 +527,10 @@ def test_a_network_cut_during_checkpoint_uploads_is_retried_and_the_run_goes_on(
     assert [s for s, _ in checkpoints] == [2, 4, 6, 8, 10, 12]
     first = checkpoint_files(checkpoints[0][1])
     assert {"data/rank-00000.json", "data/rank-00001.json", ckpt.META} <= first
+    assert {f"{ckpt.PARTS}/rank-00000.json", f"{ckpt.PARTS}/rank-00001.json"} <= first
     for step, location in checkpoints:
         assert checkpoint_files(location) == first, f"checkpoint {step} is incomplete"
+        assert ckpt.incomplete(location) is None
         assert ckpt.read_meta(ckpt.fetch(location))["step"] == step
 
 

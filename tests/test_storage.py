@@ -199,3 +199,32 @@ def test_large_objects_use_multipart_upload_and_round_trip(s3_server, monkeypatc
     etag = dict(storage.list_objects(f"s3://{s3_server['bucket']}/multipart"))[uri]
     assert etag.strip('"').endswith("-3")  # a multipart ETag: 3 parts of 5 MiB
     assert storage.read_bytes(uri) == data
+
+
+def test_upload_dir_sends_last_after_every_other_file_and_not_at_all_after_a_failure(
+    tmp_path, monkeypatch
+):
+    src = tmp_path / "part"
+    for name in ("ds/a.pt", "ds/b.pt", "data/rank-00000.json", "parts/rank-00000.json"):
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_bytes(name.encode())
+    order: list[str] = []
+    put = storage._put_file
+
+    def recording_put(path, local_dir, uri):
+        order.append(os.path.relpath(path, local_dir))
+        return put(path, local_dir, uri)
+
+    monkeypatch.setattr(storage, "_put_file", recording_put)
+    dest = tmp_path / "dest"
+    (dest / "ds" / "b.pt").mkdir(parents=True)  # a folder where ds/b.pt must go
+    with pytest.raises(storage.StorageError, match="b.pt"):
+        storage.upload_dir(str(src), str(dest), last="parts/rank-00000.json")
+    assert "parts/rank-00000.json" not in order
+    assert not (dest / "parts").exists() and not (dest / "ds" / "a.pt").exists()  # taken back
+
+    (dest / "ds" / "b.pt").rmdir()
+    order.clear()
+    written = storage.upload_dir(str(src), str(dest), last="parts/rank-00000.json")
+    assert order[-1] == "parts/rank-00000.json" and len(order) == len(written) == 4
+    assert (dest / "ds" / "b.pt").read_bytes() == b"ds/b.pt"

@@ -10,6 +10,11 @@ has reported, so an interrupted save is never what a resume picks up. Layout::
     raycpt.json            metadata (step, config and hash, manifests, tokens per source), rank 0
     hf/                    model config + tokenizer, so export needs nothing else (rank 0)
     probe.pt               the engine's logits on a fixed probe batch (final checkpoint only)
+    parts/rank-00000.json  each worker's files and their sizes, uploaded after them
+
+A folder is complete when every worker's ``parts`` file is there and every file it lists has its
+size: a check that needs neither Ray's snapshot (`resolve` on a checkpoint folder, a run folder
+copied elsewhere) nor trust in the order a crashed upload stopped in.
 """
 
 from __future__ import annotations
@@ -31,6 +36,10 @@ log = logging.getLogger(__name__)
 DS_TAG = "ds"
 META = "raycpt.json"
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of registered checkpoints
+# Written by Ray Train into a run folder when the run starts, and checked before every checkpoint
+# upload (ray.train.v2 StorageContext): a run folder that has it is Ray Train's.
+RAY_MARKER = ".validate_storage_marker"
+PARTS = "parts"
 PROBE = "probe.pt"
 _STEP_DIR = re.compile(r"checkpoint_(\d+)$")
 
@@ -90,6 +99,24 @@ def write_local(
     return folder
 
 
+def seal_local(folder: str, rank: int) -> str:
+    """Record this worker's files and their sizes in ``parts/rank-<rank>.json`` (the last file
+    added to its local folder) and return that file's path relative to the folder, for
+    `storage.upload_dir(..., last=...)` to upload after every other file of the part."""
+    files = {
+        os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/"): os.path.getsize(
+            os.path.join(root, name)
+        )
+        for root, _, names in os.walk(folder)
+        for name in names
+    }
+    rel = f"{PARTS}/rank-{rank:05d}.json"
+    os.makedirs(os.path.join(folder, PARTS), exist_ok=True)
+    with open(os.path.join(folder, rel), "w") as f:
+        json.dump({"rank": rank, "files": files}, f)
+    return rel
+
+
 def read_data_states(folder: str) -> list[dict]:
     data = os.path.join(folder, "data")
     return [json.load(open(os.path.join(data, n))) for n in sorted(os.listdir(data))]
@@ -101,15 +128,18 @@ def read_meta(folder: str) -> dict:
 
 
 def list_checkpoints(run: str) -> list[tuple[int, str]]:
-    """(step, location) of every complete checkpoint of a run, oldest first.
+    """(step, location) of every checkpoint of a run that Ray Train registered, oldest first.
 
-    Ray Train registers a checkpoint in its snapshot file only once every worker's part is
-    uploaded; a folder that a crash during a save left behind is not in it and is ignored here,
-    as Ray's own resume ignores it (the next save of that step replaces it).
+    Ray Train registers a checkpoint in its snapshot file only once every worker has reported
+    it; a folder that a crash during a save left behind is not in it and is ignored here, as Ray's
+    own resume ignores it (the next save of that step replaces it). A run whose first checkpoint
+    never registered has no snapshot yet, only Ray's marker: none of its folders counts. A run
+    folder with neither (copied without them) lists every folder; `resolve` then checks each
+    folder's parts itself.
     """
     found = step_folders(run)
     registered = registered_checkpoints(run)
-    if registered is None:  # not written by Ray Train (or by a Ray without the snapshot)
+    if registered is None:
         return found
     partial = [loc for _, loc in found if os.path.basename(loc) not in registered]
     if partial:
@@ -124,7 +154,7 @@ def remove_partial(run: str, after_step: int) -> list[str]:
     count the old attempt's extra files (its other ranks' shards and data states) would
     otherwise mix with the new ones. Returns the folders removed."""
     registered = registered_checkpoints(run)
-    if registered is None:
+    if registered is None:  # not a Ray Train run folder: nothing here is ours to remove
         return []
     stale = [
         loc
@@ -139,10 +169,12 @@ def remove_partial(run: str, after_step: int) -> list[str]:
 
 
 def registered_checkpoints(run: str) -> set[str] | None:
-    """The checkpoint folder names in Ray Train's checkpoint-manager snapshot of a run."""
+    """The checkpoint folder names in Ray Train's checkpoint-manager snapshot of a run: none when
+    Ray Train's run marker is there but no snapshot yet (Ray writes the snapshot when it registers
+    the first checkpoint), None for a folder Ray Train did not write."""
     snapshot = storage.join(run, RAY_SNAPSHOT)
     if not storage.exists(snapshot):
-        return None
+        return set() if storage.exists(storage.join(run, RAY_MARKER)) else None
     state = json.loads(storage.read_bytes(snapshot))
     results = state.get("checkpoint_results", [])
     return {r["checkpoint_dir_name"] for r in results}
@@ -173,25 +205,65 @@ def fetch(checkpoint: str) -> str:
     return storage.download_dir(checkpoint, dest)
 
 
-def _complete(loc: str) -> bool:
-    return storage.exists(storage.join(loc, META)) and storage.exists(storage.join(loc, "latest"))
+def incomplete(loc: str) -> str | None:
+    """Why the checkpoint folder at `loc` is not complete, or None when it is: every worker's
+    ``parts`` file is there (uploaded after the worker's other files) and each file it lists has
+    the size it was written with. Folders written before there were parts files: rank 0's
+    metadata and DeepSpeed's ``latest`` tag."""
+    import pyarrow.fs as pafs
+
+    fs, path = storage.filesystem(loc)
+    path = path.rstrip("/")
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    except OSError as err:
+        raise CheckpointError(f"cannot list {loc}: {err}") from None
+    sizes = {
+        info.path[len(path) :].lstrip("/"): info.size
+        for info in infos
+        if info.type == pafs.FileType.File
+    }
+    if not sizes:
+        return "no files"
+    if META not in sizes:
+        return f"no {META}: worker 0's part never finished uploading"
+    if not any(name.startswith(PARTS + "/") for name in sizes):
+        return None if "latest" in sizes else "no DeepSpeed 'latest' tag"
+    world = json.loads(storage.read_bytes(storage.join(loc, META)))["world_size"]
+    for rank in range(world):
+        rel = f"{PARTS}/rank-{rank:05d}.json"
+        if rel not in sizes:
+            return f"no {rel}: worker {rank}'s part never finished uploading"
+        for name, size in json.loads(storage.read_bytes(storage.join(loc, rel)))["files"].items():
+            if name not in sizes:
+                return f"{name} (worker {rank}) is missing"
+            if sizes[name] != size:
+                return f"{name} (worker {rank}) has {sizes[name]} bytes of the {size} written"
+    return None
 
 
 def resolve(run_or_checkpoint: str, best: bool = False) -> str:
     """A complete checkpoint location from a run folder (its latest, or with ``best`` the one
     with the best ``checkpoint.score_metric``) or from a checkpoint folder."""
     if _STEP_DIR.search(run_or_checkpoint.rstrip("/")):
-        candidates = [run_or_checkpoint]
-    else:
-        candidates = [loc for _, loc in reversed(list_checkpoints(run_or_checkpoint))]
-    complete = [loc for loc in candidates if _complete(loc)]
+        why = incomplete(run_or_checkpoint)
+        if why:
+            raise CheckpointError(
+                f"{run_or_checkpoint} is not a complete checkpoint ({why}): a save cut short "
+                "by a crash leaves such a folder. Pass the run folder to take its latest "
+                "complete checkpoint, or an earlier checkpoint_<step> folder"
+            )
+        return run_or_checkpoint
+    candidates = [loc for _, loc in reversed(list_checkpoints(run_or_checkpoint))]
+    complete = [loc for loc in candidates if not incomplete(loc)]
     if complete and best:
         return _best(run_or_checkpoint, complete)
     if complete:
         return complete[0]
     raise CheckpointError(
         f"no complete checkpoint under {run_or_checkpoint}: pass a run folder "
-        "(<storage_path>/<name>) or one of its checkpoint_<step> folders"
+        "(<storage_path>/<name>) with at least one checkpoint Ray Train registered, or one of its "
+        "checkpoint_<step> folders"
     )
 
 

@@ -354,11 +354,12 @@ def download_dir(uri: str, local_dir: str) -> str:
     return local_dir
 
 
-def upload_dir(local_dir: str, uri: str) -> list[str]:
+def upload_dir(local_dir: str, uri: str, last: str | None = None) -> list[str]:
     """Copy a local folder's files under a folder or prefix (merging with what is there) and
     return the locations written. All or nothing: when a file cannot be written (on S3, after
     botocore's retries and `_put_with_retries`'), the files this call wrote are removed again
-    and the StorageError names the file and the cause.
+    and the StorageError names the file and the cause. `last` (a path relative to the folder) is
+    uploaded only after every other file is: a reader that finds it knows the rest arrived.
 
     For checkpoints, instead of Ray Train's default copy (pyarrow ``copy_files``): that uploads to
     S3 one file at a time, in one thread (threads are off for S3 uploads, apache/arrow#32372), and
@@ -369,13 +370,16 @@ def upload_dir(local_dir: str, uri: str) -> list[str]:
     from concurrent.futures import ThreadPoolExecutor
 
     files = [os.path.join(r, n) for r, _, names in os.walk(local_dir) for n in names]
-    with ThreadPoolExecutor(max_workers=8) as pool:  # waits for every file, failed or not
-        futures = [pool.submit(_put_with_retries, path, local_dir, uri) for path in files]
-    written = [f.result() for f in futures if f.exception() is None]
-    errors = [f.exception() for f in futures if f.exception() is not None]
-    if errors:
-        discard(written)
-        raise errors[0]
+    final = os.path.join(local_dir, last) if last else None
+    written: list[str] = []
+    for batch in ([p for p in files if p != final], [final] if final in files else []):
+        with ThreadPoolExecutor(max_workers=8) as pool:  # waits for every file, failed or not
+            futures = [pool.submit(_put_with_retries, path, local_dir, uri) for path in batch]
+        written += [f.result() for f in futures if f.exception() is None]
+        errors = [f.exception() for f in futures if f.exception() is not None]
+        if errors:
+            discard(written)
+            raise errors[0]
     return written
 
 

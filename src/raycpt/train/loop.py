@@ -276,6 +276,7 @@ class Worker:
         )
         if probe is not None and self.rank == 0:
             torch.save(probe, os.path.join(folder, ckpt.PROBE))
+        seal = ckpt.seal_local(folder, self.rank)
         t1, retries = time.perf_counter(), storage.retry_count()
         size = ckpt.folder_bytes(folder)
         dest = storage.join(self.cfg.storage_path, self.cfg.name, ckpt.dir_name(self.step))
@@ -284,7 +285,7 @@ class Worker:
         # worker's report sequence waiting forever, and the error would only reach Ray Train's
         # FailureConfig, which restarts the group to re-train the steps and fail the same way.
         try:
-            written, error = storage.upload_dir(folder, dest), None
+            written, error = storage.upload_dir(folder, dest, last=seal), None
         except storage.StorageError as err:
             written, error = [], str(err)
         finally:
