@@ -9,6 +9,10 @@ Checkpoint) are replaced by plain stand-ins, so the difference is Ray's: its wor
 report round trip to the controller, and whatever Ray's processes take from the CPUs. Steps/s are
 measured across reporting windows after the first (start-up excluded), reports included, from the
 `wall_time` each window records. Runs alternate Ray / torchrun; medians are printed.
+
+`--ray-idle` adds a third launcher: torchrun again, while a local Ray cluster started as `raycpt
+train` starts it (`launch.init_ray`) sits idle beside it. Its gap to plain torchrun is what Ray's
+own processes take from the cores; the rest of Ray's cost is Ray Train's per-step path.
 """
 
 from __future__ import annotations
@@ -93,6 +97,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=80)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--workdir", default="/tmp/raycpt-bench")
+    p.add_argument("--ray-idle", action="store_true", help="also time torchrun beside idle Ray")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -102,27 +107,41 @@ def main() -> None:
 
     work = Path(args.workdir)
     data, tok, vocab = setup(work)
-    ray_rates, torch_rates = [], []
+    ray_rates, torch_rates, idle_rates = [], [], []
     for i in range(args.repeats):
         shutil.rmtree(work / "runs", ignore_errors=True)
         ray_rates.append(ray_run(run_config(work, f"ovh-ray-{i}", 2, args.steps, data, tok, vocab)))
         cfg = run_config(work, f"ovh-torchrun-{i}", 2, args.steps, data, tok, vocab)
         torch_rates.append(torchrun_run(cfg, work))
-        print(
-            json.dumps({"repeat": i, "ray_steps_per_s": ray_rates[-1], "torchrun": torch_rates[-1]})
-        )
+        line = {"repeat": i, "ray_steps_per_s": ray_rates[-1], "torchrun": torch_rates[-1]}
+        if args.ray_idle:
+            import ray
+
+            from raycpt.train import launch
+
+            launch.init_ray()
+            try:
+                idle_rates.append(torchrun_run(cfg, work))
+            finally:
+                ray.shutdown()
+            line["torchrun_beside_idle_ray"] = idle_rates[-1]
+        print(json.dumps(line))
     r, t = statistics.median(ray_rates), statistics.median(torch_rates)
-    print(
-        json.dumps(
-            {
-                "ray_steps_per_s": r,
-                "torchrun_steps_per_s": t,
-                "ray_cost": 1 - r / t,
-                "ray_all": ray_rates,
-                "torchrun_all": torch_rates,
-            }
+    summary = {
+        "ray_steps_per_s": r,
+        "torchrun_steps_per_s": t,
+        "ray_cost": 1 - r / t,
+        "ray_all": ray_rates,
+        "torchrun_all": torch_rates,
+    }
+    if idle_rates:
+        idle = statistics.median(idle_rates)
+        summary.update(
+            torchrun_beside_idle_ray=idle,
+            idle_ray_cost=1 - idle / t,
+            idle_all=idle_rates,
         )
-    )
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":
