@@ -55,15 +55,26 @@ def ray_run(cfg_dict: dict) -> float:
 
 
 def torchrun_run(cfg_dict: dict, work: Path) -> float:
+    workers = cfg_dict["scaling"]["num_workers"]
     cfg_path = work / "torchrun-config.json"
     out = work / "torchrun-history.json"
     cfg_path.write_text(json.dumps(cfg_dict))
     from raycpt.train.launch import DEFAULT_ENV
 
     env = {**os.environ, **{k: v for k, v in DEFAULT_ENV.items() if v}, "DS_ACCELERATOR": "cpu"}
+    # One thread per process, as Ray gives an actor with 1 CPU (torchrun itself sets this only
+    # for more than one process)
+    env.setdefault("OMP_NUM_THREADS", "1")
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     subprocess.run(
-        [torchrun, "--standalone", "--nproc-per-node=2", __file__, "--worker", str(cfg_path)],
+        [
+            torchrun,
+            "--standalone",
+            f"--nproc-per-node={workers}",
+            __file__,
+            "--worker",
+            str(cfg_path),
+        ],
         env=env,
         check=True,
         cwd=work,
@@ -76,6 +87,7 @@ def worker_main(cfg_path: str) -> None:
     import types
 
     import ray.train
+    import torch.distributed
 
     from raycpt.config import CPTConfig
     from raycpt.train import loop
@@ -90,6 +102,9 @@ def worker_main(cfg_path: str) -> None:
     loop.Worker(cfg, None).fit()
     if rank == 0:
         (Path(cfg_path).parent / "torchrun-history.json").write_text(json.dumps(history))
+    # as Ray Train does at the end of a run: left to interpreter exit, a thread of the process
+    # group was once destroyed while joinable ("terminate called without an active exception")
+    torch.distributed.destroy_process_group()
 
 
 def main() -> None:
@@ -97,6 +112,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=80)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--workdir", default="/tmp/raycpt-bench")
+    p.add_argument("--workers", type=int, default=2, help="1 leaves a core to Ray's processes")
     p.add_argument("--ray-idle", action="store_true", help="also time torchrun beside idle Ray")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -110,8 +126,14 @@ def main() -> None:
     ray_rates, torch_rates, idle_rates = [], [], []
     for i in range(args.repeats):
         shutil.rmtree(work / "runs", ignore_errors=True)
-        ray_rates.append(ray_run(run_config(work, f"ovh-ray-{i}", 2, args.steps, data, tok, vocab)))
-        cfg = run_config(work, f"ovh-torchrun-{i}", 2, args.steps, data, tok, vocab)
+        configs = [
+            run_config(work, f"ovh-{launcher}-{i}", 2, args.steps, data, tok, vocab)  # ZeRO-2
+            for launcher in ("ray", "torchrun")
+        ]
+        for c in configs:
+            c["scaling"]["num_workers"] = args.workers
+        ray_rates.append(ray_run(configs[0]))
+        cfg = configs[1]
         torch_rates.append(torchrun_run(cfg, work))
         line = {"repeat": i, "ray_steps_per_s": ray_rates[-1], "torchrun": torch_rates[-1]}
         if args.ray_idle:
