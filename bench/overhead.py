@@ -1,7 +1,7 @@
 """What Ray Train costs per step: `raycpt train` (Ray Train + DeepSpeed ZeRO-2, 2 CPU workers)
 against the very same worker loop launched by `torchrun` with no Ray at all.
 
-    python bench/overhead.py [--steps 80] [--repeats 3] [--workdir /tmp/raycpt-bench]
+    python bench/overhead.py [--steps 80] [--repeats 3] [--ray-idle] [--workers 2] [--workdir DIR]
 
 Same model (the demo's small Llama built from a config), data, DeepSpeed config and loop code
 (`raycpt.train.loop.Worker`): under torchrun, Ray Train's four calls (context, checkpoint, report,
@@ -13,6 +13,9 @@ measured across reporting windows after the first (start-up excluded), reports i
 `--ray-idle` adds a third launcher: torchrun again, while a local Ray cluster started as `raycpt
 train` starts it (`launch.init_ray`) sits idle beside it. Its gap to plain torchrun is what Ray's
 own processes take from the cores; the rest of Ray's cost is Ray Train's per-step path.
+
+`--workers 1` trains with one worker (global batch 16 in 2 micro-batches), leaving one of two
+cores to Ray's processes: what Ray costs where a node has a core beyond its trainers.
 """
 
 from __future__ import annotations
@@ -102,9 +105,13 @@ def worker_main(cfg_path: str) -> None:
     loop.Worker(cfg, None).fit()
     if rank == 0:
         (Path(cfg_path).parent / "torchrun-history.json").write_text(json.dumps(history))
-    # as Ray Train does at the end of a run: left to interpreter exit, a thread of the process
-    # group was once destroyed while joinable ("terminate called without an active exception")
-    torch.distributed.destroy_process_group()
+    torch.distributed.destroy_process_group()  # as Ray Train does at the end of a run
+    # and leave without C++ static destructors: at interpreter exit a worker aborted twice in 16
+    # runs ("terminate called without an active exception": a joinable std::thread destroyed,
+    # even after the process group was), failing the benchmark after its numbers were written
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def main() -> None:
