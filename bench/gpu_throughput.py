@@ -1,6 +1,7 @@
 """GPU throughput and MFU of raycpt's DeepSpeed engine on a Llama-3.2-1B-shaped model.
 
-    python bench/gpu_throughput.py --zero 2 --micro-batch 4 [--grad-ckpt] [--seq 2048]
+    python bench/gpu_throughput.py --zero 2 --micro-batch 4 [--accum 4] [--compile] [--grad-ckpt]
+        [--liger loss|all] [--ds-extra JSON] [--seq 2048]
 
 One process, one GPU, no Ray (Ray Train's per-step cost is measured separately on CPU in
 bench/train_step.py): the model, DeepSpeed config and optimizer are built by raycpt's own
@@ -10,6 +11,12 @@ tokens so that the number is the engine's, not the data path's. Prints one JSON 
 MFU counts 6 x (matmul parameters) + 12 x layers x hidden x seq FLOPs per token (PaLM's formula,
 as torchtitan and LLM Foundry report it), against the GPU's dense bf16 peak; recomputation under
 activation checkpointing is not counted.
+
+`--liger loss` swaps Hugging Face's lm_head + cross-entropy for Liger-Kernel's fused linear
+cross-entropy (the `[tokens, vocab]` logits are never materialised; PyPI `liger-kernel`, Triton);
+`--liger all` also takes Liger's RMSNorm, SwiGLU and rotary kernels. `--ds-extra` is merged into
+the DeepSpeed config as `deepspeed.extra` is. bench/gpu_sweep.sh runs the candidates in one
+device call.
 """
 
 import argparse
@@ -39,6 +46,8 @@ LLAMA_1B = {
 def run_config(args):
     from raycpt.config import parse_config
 
+    extra = json.loads(args.ds_extra) if args.ds_extra else {}
+
     return parse_config(
         {
             "name": "gpu-bench",
@@ -57,7 +66,7 @@ def run_config(args):
                 "global_batch_size": args.micro_batch * args.accum,
                 "lr": 1e-4,
             },
-            "deepspeed": {"zero_stage": args.zero, "precision": "bf16"},
+            "deepspeed": {"zero_stage": args.zero, "precision": "bf16", "extra": extra},
             "scaling": {"num_workers": 1, "use_gpu": True},
         }
     )
@@ -74,8 +83,34 @@ def main() -> None:
     p.add_argument("--grad-ckpt", action="store_true")
     p.add_argument("--compile", action="store_true", help="model.compile: regional torch.compile")
     p.add_argument("--loss-chunk", type=int, default=None, help="model.loss_chunk_tokens")
+    p.add_argument("--liger", choices=["loss", "all"], default=None, help="Liger-Kernel kernels")
+    p.add_argument("--ds-extra", default=None, help="JSON merged into the DeepSpeed config")
     p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of 3 steps")
     args = p.parse_args()
+    if args.liger and args.loss_chunk:
+        p.error("--liger and --loss-chunk both replace the loss: choose one")
+    try:
+        measure(args)
+    except torch.OutOfMemoryError as err:  # a row of the sweep, not a traceback
+        print(json.dumps({**_row(args), "error": f"out of memory: {str(err)[:160]}"}), flush=True)
+        raise SystemExit(3) from None
+
+
+def _row(args) -> dict:
+    return {
+        "zero": args.zero,
+        "micro_batch": args.micro_batch,
+        "accum": args.accum,
+        "seq": args.seq,
+        "grad_ckpt": args.grad_ckpt,
+        "compile": args.compile,
+        "loss_chunk": args.loss_chunk,
+        "liger": args.liger,
+        "ds_extra": args.ds_extra,
+    }
+
+
+def measure(args) -> None:
     for k, v in {
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": "29511",
@@ -101,6 +136,14 @@ def main() -> None:
     cfg = run_config(args)
     ds_config = deepspeed_config(cfg, "bf16", world_size=1)
     keep = HfDeepSpeedConfig(ds_config) if args.zero == 3 else None  # noqa: F841 (must stay alive)
+    if args.liger:
+        # Patches transformers' Llama classes, so it must come before the model is built.
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        every = args.liger == "all"
+        apply_liger_kernel_to_llama(
+            rope=every, rms_norm=every, swiglu=every, fused_linear_cross_entropy=True
+        )
     fields = dict(LLAMA_1B)
     config = AutoConfig.for_model(fields.pop("model_type"), **fields)
     with torch.device("cuda" if args.zero != 3 else "cpu"):
@@ -155,13 +198,7 @@ def main() -> None:
         json.dumps(
             {
                 "gpu": name,
-                "zero": args.zero,
-                "micro_batch": args.micro_batch,
-                "accum": args.accum,
-                "seq": args.seq,
-                "grad_ckpt": args.grad_ckpt,
-                "compile": args.compile,
-                "loss_chunk": args.loss_chunk,
+                **_row(args),
                 "params": n_params,
                 "step_s": elapsed / args.steps,
                 "tokens_per_s": tps,
