@@ -89,6 +89,10 @@ def main() -> None:
     args = p.parse_args()
     if args.liger and args.loss_chunk:
         p.error("--liger and --loss-chunk both replace the loss: choose one")
+    if args.liger and args.zero == 3:
+        # The fused loss reads lm_head.weight outside lm_head's forward, where ZeRO-3 has not
+        # gathered it: it would see the rank's empty shard.
+        p.error("--liger needs --zero 1 or 2")
     try:
         measure(args)
     except torch.OutOfMemoryError as err:  # a row of the sweep, not a traceback
