@@ -19,12 +19,16 @@ if [ "${1:-}" = "--wheels" ]; then
     # it is built by the project venv's python, PYTHON to override).
     grep -qsx /.whl/ .git/info/exclude || echo /.whl/ >> .git/info/exclude
     mkdir -p .whl
+    py=${PYTHON:-.venv/bin/python}
+    # The versions the project venv runs (pydantic and pydantic-core must match each other).
+    read -r ds pyd pyd_core < <("$py" -c "from importlib.metadata import version as v; \
+print(v('deepspeed'), v('pydantic'), v('pydantic-core'))") || exit 1
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
         --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-        -d .whl liger-kernel==0.8.5 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types \
+        -d .whl liger-kernel==0.8.5 "pydantic==$pyd" "pydantic-core==$pyd_core" annotated-types \
         typing-inspection typing-extensions hjson || exit 1
-    DS_BUILD_OPS=0 "${PYTHON:-.venv/bin/python}" -m pip wheel -q --no-deps --no-build-isolation \
-        --no-binary deepspeed deepspeed==0.19.8 -w .whl || exit 1
+    DS_BUILD_OPS=0 "$py" -m pip wheel -q --no-deps --no-build-isolation \
+        --no-binary deepspeed "deepspeed==$ds" -w .whl || exit 1
     ls -l .whl
     exit 0
 fi
@@ -42,9 +46,10 @@ python3 -c "import torch, transformers, deepspeed, liger_kernel; print(torch.__v
 transformers.__version__, deepspeed.__version__)" 2>&1 | tail -1 | tee -a "$OUT/gpu.txt"
 
 candidate() {
+    local args=${*//\"/\\\"}  # the options as a JSON string (--ds-extra holds quotes)
     local left=$((budget - ($(date +%s) - start)))
     if [ "$left" -lt 100 ]; then
-        echo "{\"skipped\": \"$*\", \"why\": \"time\"}" | tee -a "$OUT/sweep.jsonl"
+        echo "{\"skipped\": \"$args\", \"why\": \"time\"}" | tee -a "$OUT/sweep.jsonl"
         return
     fi
     echo "== $* ($left s left)" >> "$OUT/sweep.log"
@@ -56,7 +61,7 @@ candidate() {
     if grep -q '^{' "$OUT/row.json"; then
         grep '^{' "$OUT/row.json" | tee -a "$OUT/sweep.jsonl"
     else
-        echo "{\"failed\": \"$*\", \"rc\": $rc}" | tee -a "$OUT/sweep.jsonl"
+        echo "{\"failed\": \"$args\", \"rc\": $rc}" | tee -a "$OUT/sweep.jsonl"
     fi
     echo "   rc $rc, $(($(date +%s) - t0)) s" >> "$OUT/sweep.log"
 }
