@@ -90,8 +90,8 @@ def resumed_lr(cfg: CPTConfig, step: int) -> float:
 
 @pytest.mark.parametrize(
     ("stage", "before", "after"),
-    [(2, 2, 1), (2, 1, 2), (3, 2, 1)],
-    ids=["z2-2to1", "z2-1to2", "z3-2to1"],
+    [(2, 2, 1), (2, 1, 2), (3, 2, 1), (1, 2, 1)],
+    ids=["z2-2to1", "z2-1to2", "z3-2to1", "z1-2to1"],
 )
 def test_resume_on_another_worker_count_restores_the_optimizer(
     ray_cluster, run_config, monkeypatch, stage, before, after
