@@ -1,10 +1,12 @@
-"""Per-step time of `raycpt train` with 2 CPU workers under ZeRO-2 and ZeRO-3.
+"""Per-step time of `raycpt train` with 2 CPU workers under ZeRO-1, 2 and 3.
 
-    python bench/train_step.py [--steps 60] [--workdir /tmp/raycpt-bench] [--augment]
+    python bench/train_step.py [--steps 60] [--stages 2,3] [--accum 1] [--workdir DIR] [--augment]
 
 Builds the demo's corpora, tokenizer and a small Llama (hidden 128, 4 layers, vocab 2048) from
 scratch, then trains it for --steps steps per stage (seq 128, micro-batch 8, global batch 16) and
 prints the median step time over the reporting windows after the first (which holds start-up).
+`--accum N` takes N micro-batches per step (global batch 16 x N): ZeRO-2 reduces gradients after
+every micro-batch, ZeRO-1 only at the step's end.
 """
 
 import argparse
@@ -45,9 +47,11 @@ def augment_config(work: Path) -> dict:
     }
 
 
-def run_config(work: Path, name: str, stage: int, steps: int, data, tok, vocab: int) -> dict:
-    """The benchmark run: the demo's small Llama, seq 128, micro-batch 8, global batch 16, 2
-    workers, one checkpoint at the end (after the timed windows)."""
+def run_config(
+    work: Path, name: str, stage: int, steps: int, data, tok, vocab: int, accum: int = 1
+) -> dict:
+    """The benchmark run: the demo's small Llama, seq 128, micro-batch 8, global batch 16 x
+    accum, 2 workers, one checkpoint at the end (after the timed windows)."""
     return {
         "name": name,
         "storage_path": str(work / "runs"),
@@ -56,7 +60,7 @@ def run_config(work: Path, name: str, stage: int, steps: int, data, tok, vocab: 
         "train": {
             "max_steps": steps,
             "micro_batch_size": 8,
-            "global_batch_size": 16,
+            "global_batch_size": 16 * accum,
             "lr": 1e-3,
             "log_every": 10,
         },
@@ -67,18 +71,26 @@ def run_config(work: Path, name: str, stage: int, steps: int, data, tok, vocab: 
 
 
 def measure(
-    work: Path, stage: int, steps: int, data: Path, tok: Path, vocab: int, augment: bool = False
+    work: Path,
+    stage: int,
+    steps: int,
+    data: Path,
+    tok: Path,
+    vocab: int,
+    augment: bool = False,
+    accum: int = 1,
 ) -> dict:
-    name = f"zero{stage}{'-aug' if augment else ''}"
-    cfg = run_config(work, name, stage, steps, data, tok, vocab)
+    name = f"zero{stage}{'-aug' if augment else ''}-x{accum}"
+    cfg = run_config(work, name, stage, steps, data, tok, vocab, accum)
     cfg = parse_config({**cfg, "augment": augment_config(work) if augment else {}})
     launch.run(cfg)
     history = ckpt.read_meta(ckpt.fetch(ckpt.resolve(launch.run_dir(cfg))))["history"][1:]
-    tokens_per_step = 16 * SEQ_LEN
+    tokens_per_step = 16 * accum * SEQ_LEN
     step_s = [tokens_per_step / h["tokens_per_s"] for h in history]
     return {
         "zero_stage": stage,
         "augment": augment,
+        "accum": accum,
         "median_step_ms": 1000 * statistics.median(step_s),
         "min_step_ms": 1000 * min(step_s),
         "max_step_ms": 1000 * max(step_s),
@@ -92,6 +104,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--workdir", default="/tmp/raycpt-bench")
     p.add_argument("--augment", action="store_true", help="ZeRO-2 with and without augmentation")
+    p.add_argument("--stages", default="2,3", help="ZeRO stages to run, in order")
+    p.add_argument("--accum", type=int, default=1, help="micro-batches per step")
     args = p.parse_args()
     work = Path(args.workdir)
     import shutil
@@ -103,8 +117,8 @@ def main() -> None:
         for augment in (False, True):
             print(json.dumps(measure(work, 2, args.steps, data, tok, vocab, augment)))
         return
-    for stage in (2, 3):
-        print(json.dumps(measure(work, stage, args.steps, data, tok, vocab)))
+    for stage in (int(x) for x in args.stages.split(",")):
+        print(json.dumps(measure(work, stage, args.steps, data, tok, vocab, accum=args.accum)))
 
 
 if __name__ == "__main__":

@@ -393,7 +393,15 @@ class TrainConfig(_Section):
 class DeepSpeedConfig(_Section):
     """DeepSpeed ZeRO settings; `extra` is merged last into the generated DeepSpeed JSON."""
 
-    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="ZeRO partitioning stage.")
+    zero_stage: Literal[0, 1, 2, 3] = Field(
+        2,
+        description=(
+            "ZeRO partitioning stage: 1 shards the optimizer state, 2 also the gradients, 3 also "
+            "the weights. With gradient accumulation, 1 reduces gradients once per step and 2 "
+            "after every micro-batch: take 1 when a full gradient fits on each GPU "
+            "(BENCHMARKS.md), 3 when the weights do not."
+        ),
+    )
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="auto = bf16 on GPU, fp32 on CPU."
     )
