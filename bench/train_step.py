@@ -115,7 +115,8 @@ def main() -> None:
     launch.init_ray()
     if args.augment:
         for augment in (False, True):
-            print(json.dumps(measure(work, 2, args.steps, data, tok, vocab, augment)))
+            row = measure(work, 2, args.steps, data, tok, vocab, augment, accum=args.accum)
+            print(json.dumps(row))
         return
     for stage in (int(x) for x in args.stages.split(",")):
         print(json.dumps(measure(work, stage, args.steps, data, tok, vocab, accum=args.accum)))
